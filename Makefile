@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates or updates its own virtual environment first.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BASE_STAMP := $(VENV)/.copack-base
+VLLM_STAMP := $(VENV)/.copack-vllm
+
+.PHONY: demo test lint venv vllm clean-venv
+
+$(BASE_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VLLM_STAMP): $(BASE_STAMP) scripts/install-vllm.sh
+	bash scripts/install-vllm.sh $(PY)
+	touch $@
+
+venv: $(BASE_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+demo: $(BASE_STAMP)
+	$(VENV)/bin/copack demo
+
+lint: $(BASE_STAMP)
+	$(PY) -m ruff check .
+
+test: $(VLLM_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

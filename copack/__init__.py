@@ -1,0 +1,1 @@
+"""copack: the command-line entry point that ties the components together."""

@@ -1,0 +1,1 @@
+"""The node agent: NVML sampler, gRPC telemetry, Prometheus exporter, inventory, device plugin."""

@@ -1,0 +1,1 @@
+"""The decision core: data model, demand estimation, feasibility, scoring, explanations."""

@@ -1,0 +1,1 @@
+"""Trace-driven cluster simulator that drives the real extender; baselines; report."""

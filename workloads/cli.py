@@ -1,0 +1,9 @@
+"""Subcommands of `copack` contributed by `workloads`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this component's commands to the top-level app."""
