@@ -126,24 +126,25 @@ GPU_MODELS: dict[str, GpuModel] = {
     "L40S": GpuModel("NVIDIA L40S", 46068 * MIB, 142, 128, (8, 9), gpm=False, mig=False),
 }
 
-# memory_mb values are chosen so that go-nvlib's naming rule (memory fraction rounded up to
-# eighths of the parent's memory in whole GB) reproduces the nvidia-smi profile names.
+# SM counts and memory as `nvidia-smi mig -lgip` lists them (the figures workloads/mig_catalog.py
+# carries); go-nvlib's naming rule (memory fraction rounded up to eighths of the parent's memory
+# in whole GB) turns these memory sizes back into the nvidia-smi profile names.
 MIG_PROFILES: dict[str, dict[str, MigProfile]] = {
     "H100": {
-        "1g.10gb": MigProfile(1, 1, 16, 9856),
-        "1g.20gb": MigProfile(1, 2, 16, 19968),
-        "2g.20gb": MigProfile(2, 2, 32, 19968),
+        "1g.10gb": MigProfile(1, 1, 16, 9984),
+        "1g.20gb": MigProfile(1, 2, 26, 20091),
+        "2g.20gb": MigProfile(2, 2, 32, 20091),
         "3g.40gb": MigProfile(3, 4, 60, 40448),
         "4g.40gb": MigProfile(4, 4, 64, 40448),
-        "7g.80gb": MigProfile(7, 8, 132, 80896),
+        "7g.80gb": MigProfile(7, 8, 132, 81152),
     },
     "H200": {
-        "1g.18gb": MigProfile(1, 1, 16, 17920),
-        "1g.35gb": MigProfile(1, 2, 16, 35584),
-        "2g.35gb": MigProfile(2, 2, 32, 35584),
-        "3g.71gb": MigProfile(3, 4, 60, 71424),
-        "4g.71gb": MigProfile(4, 4, 64, 71424),
-        "7g.141gb": MigProfile(7, 8, 132, 142848),
+        "1g.18gb": MigProfile(1, 1, 16, 16384),
+        "1g.35gb": MigProfile(1, 2, 26, 33280),
+        "2g.35gb": MigProfile(2, 2, 32, 33280),
+        "3g.71gb": MigProfile(3, 4, 60, 68096),
+        "4g.71gb": MigProfile(4, 4, 64, 68096),
+        "7g.141gb": MigProfile(7, 8, 132, 143360),
     },
     "A100": {
         "1g.10gb": MigProfile(1, 1, 14, 9728),
@@ -151,7 +152,7 @@ MIG_PROFILES: dict[str, dict[str, MigProfile]] = {
         "2g.20gb": MigProfile(2, 2, 28, 19968),
         "3g.40gb": MigProfile(3, 4, 42, 40192),
         "4g.40gb": MigProfile(4, 4, 56, 40192),
-        "7g.80gb": MigProfile(7, 8, 98, 80384),
+        "7g.80gb": MigProfile(7, 8, 98, 81152),
     },
 }
 
