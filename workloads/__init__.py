@@ -1,1 +1,1 @@
-"""What runs on the GPUs: catalogs, the roofline demand model, vLLM launch, proxy, load generator."""
+"""What runs on the GPUs: catalogs, roofline demand model, vLLM launch, proxy, load generator."""
