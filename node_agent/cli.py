@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         ewma_halflife: float = typer.Option(10.0, help="EWMA half-life in seconds."),
         window: float = typer.Option(60.0, help="Window for the p95 in seconds."),
         rescan_interval: float = typer.Option(
-            5.0, help="Re-enumerate GPUs and MIG instances at least this often (seconds)."
+            30.0,
+            help="Full re-enumeration at least this often (s); re-partitions are seen per tick.",
         ),
         nvml_retry: float = typer.Option(5.0, help="Retry NVML init this often while down (s)."),
         nvml_library: str = typer.Option(

@@ -81,7 +81,7 @@ class SamplerConfig:
     interval_s: float = 1.0
     ewma_halflife_s: float = 10.0
     window_s: float = 60.0
-    rescan_interval_s: float = 5.0
+    rescan_interval_s: float = 30.0  # safety net; layout changes are caught per tick
     nvml_retry_s: float = 5.0
     # Load this file as libnvidia-ml instead of the system's (tests, non-standard installs).
     nvml_library: str | None = None
@@ -143,6 +143,9 @@ class Sampler:
         self._clock = clock
         self._units: dict[str, _Unit] = {}
         self._gpu_handles: dict[int, Any] = {}
+        self._fingerprints: dict[int, tuple] = {}  # gpu index -> (MIG mode, MIG UUID per slot)
+        self._gpu_count = 0
+        self._failed_gpus: set[int] = set()
         self._initialized = False
         self._nvml_error = ""
         self._reinit_pending = False
@@ -226,7 +229,11 @@ class Sampler:
             self._ensure_session()
             if self._initialized:
                 now = time.monotonic()
-                if self._rescan_pending or now - self._last_rescan >= self.config.rescan_interval_s:
+                if (
+                    self._rescan_pending
+                    or now - self._last_rescan >= self.config.rescan_interval_s
+                    or self._layout_changed()
+                ):
                     self._rescan()
                 if self._initialized:
                     self._read_all()
@@ -303,6 +310,7 @@ class Sampler:
                 pynvml.nvmlShutdown()
         self._initialized = False
         self._gpu_handles.clear()
+        self._fingerprints.clear()
 
     @staticmethod
     def _free_samples(u: _Unit) -> None:
@@ -338,6 +346,9 @@ class Sampler:
             return
         found: dict[str, _Unit] = {}
         failed_gpus: dict[int, str] = {}
+        self._gpu_handles.clear()
+        self._fingerprints.clear()
+        self._gpu_count = count
         for index in range(count):
             try:
                 for u in self._enumerate_gpu(index):
@@ -345,6 +356,8 @@ class Sampler:
             except pynvml.NVMLError as e:
                 self._note_error(e)
                 failed_gpus[index] = _nvml_error_text(e)
+                self._gpu_handles.pop(index, None)
+        self._failed_gpus = set(failed_gpus)
         # Merge: keep state (stats, GPM samples) of units that survived, drop vanished ones,
         # keep the last known units of GPUs that failed to enumerate (lost), unhealthy.
         merged: dict[str, _Unit] = {}
@@ -389,6 +402,7 @@ class Sampler:
         )
         sm_total = self._whole_gpu_sm_count(h, product)
         if not mig_on:
+            self._fingerprints[index] = (False,)
             return [
                 _Unit(uuid=uuid, parent_uuid=None, gpu_index=index, gi_id=None, mig_profile=None,
                       product=product, sm_count=sm_total, sm_share=1.0, bw_share=1.0,
@@ -396,11 +410,13 @@ class Sampler:
                       coarse=not gpm)
             ]
         units = []
+        slots = []
         for slot in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(h)):
             try:
                 mh = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, slot)
             except pynvml.NVMLError_NotFound:
                 continue  # MIG device indices have holes
+            slots.append((slot, _s(pynvml.nvmlDeviceGetUUID(mh))))
             try:
                 units.append(self._enumerate_mig(index, h, mh, uuid, product, mem.total, sm_total,
                                                  gpm))
@@ -410,7 +426,51 @@ class Sampler:
                 self._warn_once(f"mig{index}/{slot}:{e.value}",
                                 "skipping MIG device %d/%d: %s", index, slot,
                                 _nvml_error_text(e))
+        self._fingerprints[index] = (True, tuple(slots))
         return units
+
+    def _layout_changed(self) -> bool:
+        """Cheap per-tick check (a few calls per GPU) for a re-partition, a MIG mode switch, a
+        GPU appearing or coming back: MIG handles and GPU-instance ids are reused after a
+        re-partition, so only the UUIDs behind the slots tell."""
+        try:
+            if pynvml.nvmlDeviceGetCount() != self._gpu_count:
+                return True
+        except pynvml.NVMLError as e:
+            self._note_error(e)
+            return True
+        for index in self._failed_gpus:
+            try:
+                pynvml.nvmlDeviceGetHandleByIndex(index)
+                return True  # a failed GPU answers again
+            except pynvml.NVMLError as e:
+                if e.value in _SESSION_ERRORS:
+                    self._note_error(e)
+                    return True
+        for index, h in self._gpu_handles.items():
+            try:
+                if self._fingerprint(h) != self._fingerprints.get(index):
+                    return True
+            except pynvml.NVMLError as e:
+                self._note_error(e)
+                return True
+        return False
+
+    @staticmethod
+    def _fingerprint(h: Any) -> tuple:
+        mig_on = _optional(
+            lambda: pynvml.nvmlDeviceGetMigMode(h)[0] == pynvml.NVML_DEVICE_MIG_ENABLE, False
+        )
+        if not mig_on:
+            return (False,)
+        slots = []
+        for slot in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(h)):
+            try:
+                mh = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, slot)
+            except pynvml.NVMLError_NotFound:
+                continue
+            slots.append((slot, _s(pynvml.nvmlDeviceGetUUID(mh))))
+        return (True, tuple(slots))
 
     @staticmethod
     def _enumerate_mig(index, h, mh, parent_uuid, product, parent_mem, parent_sms, gpm) -> _Unit:
