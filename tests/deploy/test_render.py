@@ -43,7 +43,7 @@ def test_every_overlay_renders_something() -> None:
 
 def test_a_broken_kustomization_is_reported_with_kustomizes_message(tmp_path) -> None:
     (tmp_path / "kustomization.yaml").write_text("resources:\n  - missing.yaml\n")
-    with pytest.raises(RenderError, match="missing.yaml"):
+    with pytest.raises(RenderError, match=r"missing\.yaml"):
         render_text(tmp_path)
 
 
@@ -93,7 +93,9 @@ def test_images_are_pinned(objs) -> None:
     for w in workloads(objs):
         for c in pod_spec(w)["containers"]:
             image = c["image"]
-            m = re.fullmatch(r"(?P<repo>[^@:]+(?::\d+)?[^@:]*):(?P<tag>[\w.-]+)(@sha256:[0-9a-f]{64})?", image)
+            m = re.fullmatch(
+                r"(?P<repo>[^@:]+(?::\d+)?[^@:]*):(?P<tag>[\w.-]+)(@sha256:[0-9a-f]{64})?", image
+            )
             assert m, f"{key(w)}: image {image!r} has no tag"
             assert m["tag"] != "latest", f"{key(w)}: {image}"
             assert re.fullmatch(r"v?\d+\.\d+\.\d+", m["tag"]), f"{key(w)}: {image} not a release"
