@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.copack-base
 VLLM_STAMP := $(VENV)/.copack-vllm
+TOOLS_STAMP := $(VENV)/.copack-deploy-tools
 
 .PHONY: demo test lint venv vllm clean-venv
 
@@ -17,6 +18,11 @@ $(VLLM_STAMP): $(BASE_STAMP) scripts/install-vllm.sh
 	bash scripts/install-vllm.sh $(PY)
 	touch $@
 
+# checkov lives in its own venv (.venv-checkov): its pins conflict with vLLM's.
+$(TOOLS_STAMP): $(BASE_STAMP) scripts/install-deploy-tools.sh
+	bash scripts/install-deploy-tools.sh $(PYTHON)
+	touch $@
+
 venv: $(BASE_STAMP)
 
 vllm: $(VLLM_STAMP)
@@ -27,7 +33,7 @@ demo: $(BASE_STAMP)
 lint: $(BASE_STAMP)
 	$(PY) -m ruff check .
 
-test: $(VLLM_STAMP)
+test: $(VLLM_STAMP) $(TOOLS_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
