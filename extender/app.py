@@ -1,0 +1,169 @@
+"""The extender's HTTP service (FastAPI): the kube-scheduler verbs plus health, metrics and
+debugging endpoints.
+
+`create_app(state, config, binder)` starts nothing (no Kubernetes, no gRPC): `copack extender
+serve` wires the watchers and telemetry around it, and the simulator drives it with a state fed
+by hand and a binder of its own.
+
+Every verb handler reads the raw body itself (no pydantic model on the hot path) and answers
+with orjson bytes. Bad input is an HTTP 400 with `{"Error": "..."}` naming the problem; a state
+that has not synced yet is a 503; nothing a client sends can produce a 500 or kill a worker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from extender.binder import Binder
+from extender.config import ExtenderConfig
+from extender.metrics import ExtenderMetrics
+from extender.protocol import BadRequest, error_body, parse_binding_args, parse_extender_args
+from extender.scheduling import Scheduler
+from extender.state import ClusterState
+
+log = logging.getLogger("copack.extender")
+
+JSON = "application/json"
+
+
+def _json(body: bytes, status: int = 200) -> Response:
+    return Response(content=body, status_code=status, media_type=JSON)
+
+
+class _TooLarge(BadRequest):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise _TooLarge(
+                    f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"
+                )
+        except ValueError:
+            raise BadRequest(f"invalid Content-Length {declared!r}") from None
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | None) -> FastAPI:
+    app = FastAPI(
+        title="copack extender",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    scheduler = Scheduler(state, binder)
+    metrics = ExtenderMetrics(state)
+    limit = config.limits.max_body_bytes
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.state.cluster = state
+
+    def _not_ready() -> Response | None:
+        if state.synced:
+            return None
+        return _json(error_body("the extender's cluster state has not synced yet"), 503)
+
+    def _bad(verb: str, t0: float, e: Exception) -> Response:
+        metrics.observe(verb, time.perf_counter() - t0, "bad_request")
+        return _json(error_body(f"{verb}: {e}"), 400)
+
+    def _unexpected(verb: str, t0: float, e: Exception) -> Response:
+        # Whatever went wrong, the scheduler must get an answer it can act on, not a 500.
+        log.exception("%s failed", verb)
+        metrics.observe(verb, time.perf_counter() - t0, "error")
+        return _json(error_body(f"{verb}: cannot process the request: {type(e).__name__}: {e}"),
+                     400)
+
+    @app.post("/filter")
+    async def filter_(request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            args = parse_extender_args(await _read_body(request, limit))
+            if (r := _not_ready()) is not None:
+                return r
+            body, outcome = scheduler.filter(args)
+        except BadRequest as e:
+            return _bad("filter", t0, e)
+        except Exception as e:
+            return _unexpected("filter", t0, e)
+        metrics.observe("filter", time.perf_counter() - t0, outcome)
+        return _json(body)
+
+    @app.post("/prioritize")
+    async def prioritize(request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            args = parse_extender_args(await _read_body(request, limit))
+            if (r := _not_ready()) is not None:
+                return r
+            body, outcome = scheduler.prioritize(args)
+        except BadRequest as e:
+            return _bad("prioritize", t0, e)
+        except Exception as e:
+            return _unexpected("prioritize", t0, e)
+        metrics.observe("prioritize", time.perf_counter() - t0, outcome)
+        return _json(body)
+
+    @app.post("/bind")
+    async def bind(request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            args = parse_binding_args(await _read_body(request, limit))
+            if (r := _not_ready()) is not None:
+                return r
+            body, outcome = await run_in_threadpool(scheduler.bind, args)
+        except BadRequest as e:
+            return _bad("bind", t0, e)
+        except Exception as e:
+            return _unexpected("bind", t0, e)
+        metrics.observe("bind", time.perf_counter() - t0, outcome)
+        return _json(body)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(content=b"ok", media_type="text/plain")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if state.synced:
+            return Response(content=b"ok", media_type="text/plain")
+        return Response(content=b"cluster state not synced", status_code=503,
+                        media_type="text/plain")
+
+    @app.get("/metrics")
+    async def metrics_() -> Response:
+        return Response(content=metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/debug/state")
+    async def debug_state() -> Response:
+        return _json(orjson.dumps(state.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY))
+
+    @app.get("/explain/{namespace}/{pod}")
+    async def explain(namespace: str, pod: str) -> Response:
+        out: dict[str, Any] | None = scheduler.explain(namespace, pod)
+        if out is None:
+            return _json(
+                error_body(f"no decision recorded for {namespace}/{pod} (not seen by this "
+                           "extender since it started, or evicted from its memory)"),
+                404,
+            )
+        return _json(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))
+
+    return app

@@ -1,0 +1,201 @@
+"""The extender's configuration: one YAML file, every key overridable by a flag.
+
+Strict on purpose: an unknown key or a wrong type is refused at start with the dotted key and the
+reason, because a typo in a scheduler's policy file would otherwise silently run the default
+policy on a production cluster."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from policies.config import PolicyConfig, PolicyConfigError
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8888, ge=0, le=65535)
+
+
+class TlsConfig(_Strict):
+    """HTTPS as kube-scheduler's `enableHTTPS` expects; both files or neither."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        for f in (self.cert_file, self.key_file):
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"file not found: {f}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+def build_policy(raw: dict[str, Any]) -> PolicyConfig:
+    """The `policy:` section is `policies.PolicyConfig` (docs/policies.md), with `name` accepted
+    for its `policy` key; validated by the core so new knobs need no change here."""
+    data = dict(raw)
+    if "name" in data:
+        if "policy" in data:
+            raise ValueError("give the policy as `name` or as `policy`, not both")
+        data["policy"] = data.pop("name")
+    try:
+        return PolicyConfig.from_dict(data)
+    except PolicyConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+class KubeConfigSection(_Strict):
+    kubeconfig: str | None = None
+    watch_timeout_s: float = Field(default=300.0, gt=0.0)
+    backoff_initial_s: float = Field(default=0.2, gt=0.0)
+    backoff_max_s: float = Field(default=30.0, gt=0.0)
+    # An assumed placement whose pod never shows up bound in the watch is dropped after this.
+    bind_confirm_timeout_s: float = Field(default=120.0, gt=0.0)
+    bind_timeout_s: float = Field(default=4.0, gt=0.0)
+
+
+class TelemetrySection(_Strict):
+    enabled: bool = True
+    statistic: Literal["value", "ewma", "p95"] = "ewma"
+    backoff_initial_s: float = Field(default=0.2, gt=0.0)
+    backoff_max_s: float = Field(default=10.0, gt=0.0)
+
+
+class LimitsSection(_Strict):
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    explain_entries: int = Field(default=10_000, ge=1)
+
+
+class ExtenderConfig(_Strict):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    policy: dict[str, Any] = Field(default_factory=dict)
+    kube: KubeConfigSection = Field(default_factory=KubeConfigSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+
+    @field_validator("policy")
+    @classmethod
+    def _valid_policy(cls, v: dict[str, Any]) -> dict[str, Any]:
+        build_policy(v)
+        return v
+
+    def policy_config(self) -> PolicyConfig:
+        return build_policy(self.policy)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExtenderConfig:
+        """Apply dotted-key overrides (from flags); None values are ignored."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            cur = data
+            *parents, last = dotted.split(".")
+            for p in parents:
+                cur = cur.setdefault(p, {})
+            if dotted == "policy.policy":
+                cur.pop("name", None)
+            cur[last] = value
+        return validate_config(data, source="flags")
+
+
+def _describe(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        m = re.match(r"^(\w+): (.*)$", msg, re.S)
+        if where == "policy" and m:  # the core names its own key: make it policy.<key>
+            where, msg = f"policy.{m.group(1)}", m.group(2)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {where}: {msg}")
+    return "; ".join(lines)
+
+
+def validate_config(data: Any, source: str = "config") -> ExtenderConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ExtenderConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def load_config(path: str | Path | None) -> ExtenderConfig:
+    """Read the YAML file (None: all defaults)."""
+    if path is None:
+        return ExtenderConfig()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return validate_config(data, source=str(p))
+
+
+EXAMPLE_CONFIG = """\
+# copack extender configuration (every key optional; flags of `copack extender serve` override)
+listen:
+  host: 0.0.0.0
+  port: 8888
+tls:                      # HTTPS for kube-scheduler's enableHTTPS; both or neither
+  cert_file: null
+  key_file: null
+policy:                   # policies.PolicyConfig (docs/policies.md)
+  name: complementary     # complementary | spread | binpack | dedicated
+  overcommit: 0.0         # allowed sm/bw load above 1.0 per unit (0..4)
+  stale_after_s: 15       # telemetry older than this falls back to declared demand
+  assumed_window_s: 10    # a new placement counts as declared demand this long
+  max_pods_per_unit: 8
+  slo_check: true
+  decode_min_share: 0.3   # MPS SM-share floors
+  prefill_min_share: 0.1
+kube:
+  kubeconfig: null        # null: in-cluster config
+  watch_timeout_s: 300
+  backoff_initial_s: 0.2
+  backoff_max_s: 30
+  bind_confirm_timeout_s: 120
+  bind_timeout_s: 4
+telemetry:
+  enabled: true
+  statistic: ewma         # value | ewma | p95 of the agent's readings
+  backoff_initial_s: 0.2
+  backoff_max_s: 10
+limits:
+  max_body_bytes: 67108864
+  explain_entries: 10000
+"""

@@ -1,0 +1,300 @@
+"""The three extender verbs on top of the cluster state and the decision core.
+
+filter      decide() over the candidate nodes; unknown nodes and nodes that can never host a
+            copack pod are reported with a reason, infeasible ones with the core's reason.
+prioritize  the scores of filter's decision for the same pod (reused while younger than a
+            second: telemetry moves the view version thousands of times a second, and bind
+            re-decides anyway), else a fresh decide().
+bind        under the node's lock: re-choose the unit (the state may have moved since
+            prioritize), assume it in the state at once, create the binding carrying the unit
+            annotations, and undo the assumption if that fails. A retry of a bind that already
+            happened answers success without a second binding.
+
+Pods that do not ask for `copack.io/gpu` pass through untouched (all nodes, score 0)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from extender.binder import AlreadyBound, Binder, BindError
+from extender.protocol import (
+    BindingArgs,
+    ExtenderArgs,
+    binding_result,
+    filter_result,
+    priority_result,
+)
+from extender.state import ClusterState, rfc3339
+from policies.annotations import AnnotationError, pod_request_from_k8s, requests_gpu
+from policies.decision import Decision, Rejection, choose_unit, decide
+from policies.inventory import ASSIGNED_AT_ANNOTATION, SM_SHARE_ANNOTATION, UNIT_ANNOTATION
+from policies.model import PodRequest
+
+log = logging.getLogger("copack.extender")
+
+DECISION_REUSE_S = 1.0
+DECISIONS_KEPT = 16  # full Decision objects hold per-unit arrays: keep only the latest few
+
+
+@dataclass(slots=True)
+class _Recent:
+    uid: str
+    rv: str
+    decision: Decision
+    at: float  # monotonic
+
+
+class Scheduler:
+    """See the module docstring. Thread-safe; filter/prioritize never block on I/O."""
+
+    def __init__(self, state: ClusterState, binder: Binder | None) -> None:
+        self.state = state
+        self.binder = binder
+        self._recent: OrderedDict[str, _Recent] = OrderedDict()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _request(self, args: ExtenderArgs) -> PodRequest:
+        meta = args.pod.get("metadata") or {}
+        rv = str(meta.get("resourceVersion") or "")
+        cache = self.state.requests
+        if args.uid:
+            hit = cache.get(args.uid, rv)
+            if hit is not None:
+                return hit
+        req = pod_request_from_k8s(args.pod)
+        if args.uid:
+            with self.state.lock:
+                cache.put(args.uid, rv, req)
+        return req
+
+    def _remember(self, key: str, uid: str, rv: str, d: Decision) -> None:
+        self._recent[key] = _Recent(uid, rv, d, time.monotonic())
+        self._recent.move_to_end(key)
+        while len(self._recent) > DECISIONS_KEPT:
+            self._recent.popitem(last=False)
+
+    def _explain_filter(self, verb: str, req: PodRequest, d: Decision, extra: dict) -> None:
+        summary = {
+            "pod": req.key,
+            "uid": req.uid,
+            "verb": verb,
+            "at": rfc3339(self.state.now()),
+            "role": req.role,
+            "role_source": req.role_source,
+            **extra,
+        }
+        self.state.record_explanation(req.key, summary)
+
+    def _split_failures(
+        self, failed: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Resolvable failures (load: preemption may help) vs nodes that can never host a copack
+        pod (no or broken inventory). Unknown nodes stay resolvable: they may appear."""
+        s = self.state
+        out: dict[str, str] = {}
+        never: dict[str, str] = {}
+        stale_after = s.policy.stale_after_s
+        now = s.now()
+        for name, reason in failed.items():
+            info = s.nodes.get(name)
+            if info is None:
+                out[name] = "unknown node: not in the extender's cluster view"
+                continue
+            problem = s.node_problem(name)
+            if problem is not None:
+                never[name] = problem
+                continue
+            age = s.telemetry_age(name, now)
+            if age is None or age > stale_after:
+                reason += "; telemetry stale, judged on declared demand"
+            out[name] = reason
+        return out, never
+
+    # -- verbs -----------------------------------------------------------------------------------
+
+    def filter(self, args: ExtenderArgs) -> tuple[bytes, str]:
+        """-> (ExtenderFilterResult JSON, outcome label)."""
+        if not requests_gpu(args.pod):
+            return filter_result(args, list(args.node_names), {}), "passthrough"
+        key = f"{args.namespace}/{args.name}"
+        try:
+            req = self._request(args)
+        except AnnotationError as e:
+            reason = f"pod {key}: {e}"
+            self.state.record_explanation(
+                key, {"pod": key, "uid": args.uid, "verb": "filter", "refused": reason,
+                      "at": rfc3339(self.state.now())}
+            )
+            return (
+                filter_result(args, [], {}, dict.fromkeys(args.node_names, reason)),
+                "invalid_pod",
+            )
+        s = self.state
+        with s.lock:
+            now = s.now()
+            d = decide(s.view, req, args.node_names, now, s.policy, s.demand_model)
+            feasible = d.feasible_nodes
+            failed, never = self._split_failures(d.failed_nodes)
+            rv = str((args.pod.get("metadata") or {}).get("resourceVersion") or "")
+            self._remember(key, args.uid, rv, d)
+            chosen = d.chosen
+            self._explain_filter(
+                "filter", req, d,
+                {"candidates": len(args.node_names), "feasible": len(feasible),
+                 "chosen": list(chosen) if chosen else None,
+                 "failed_sample": dict(list({**never, **failed}.items())[:20])},
+            )
+        return filter_result(args, feasible, failed, never), (
+            "feasible" if feasible else "unschedulable"
+        )
+
+    def prioritize(self, args: ExtenderArgs) -> tuple[bytes, str]:
+        names = args.node_names
+        if not requests_gpu(args.pod):
+            return priority_result([(n, 0) for n in names]), "passthrough"
+        key = f"{args.namespace}/{args.name}"
+        try:
+            req = self._request(args)
+        except AnnotationError:
+            return priority_result([(n, 0) for n in names]), "invalid_pod"
+        s = self.state
+        rv = str((args.pod.get("metadata") or {}).get("resourceVersion") or "")
+        with s.lock:
+            recent = self._recent.get(key)
+            if (
+                recent is not None
+                and recent.uid == args.uid
+                and recent.rv == rv
+                and time.monotonic() - recent.at <= DECISION_REUSE_S
+            ):
+                scores = recent.decision.scores
+                outcome = "reused"
+            else:
+                d = decide(s.view, req, names, s.now(), s.policy, s.demand_model)
+                self._remember(key, args.uid, rv, d)
+                scores = d.scores
+                outcome = "decided"
+        return priority_result([(n, scores.get(n, 0)) for n in names]), outcome
+
+    def bind(self, args: BindingArgs) -> tuple[bytes, str]:
+        """Blocking (creates the binding): call from a worker thread."""
+        s = self.state
+        key = f"{args.pod_namespace}/{args.pod_name}"
+        node = args.node
+        with s.node_lock(node):
+            with s.lock:
+                info = s.pods.get(key)
+                uid = args.pod_uid or (info.uid if info else "")
+                if info is not None and info.uid == uid and info.unit and info.node:
+                    if info.node == node:
+                        return binding_result(), "already_bound"
+                    msg = f"{key} is already bound to {info.node} (unit {info.unit})"
+                    return binding_result(msg), "conflict"
+                req = None
+                if uid:
+                    hit = s.requests.entries.get(uid)
+                    req = hit[1] if hit else None
+                if req is None and info is not None and info.uid == uid:
+                    req = info.request
+                    if req is None and info.request_error:
+                        return binding_result(f"pod {key}: {info.request_error}"), "invalid_pod"
+                if req is None:
+                    return binding_result(
+                        f"pod {key} (uid {uid or '?'}) is unknown to the extender: it was not "
+                        "filtered by it and is not in its cluster view"
+                    ), "unknown_pod"
+                if req.uid != uid:
+                    req = _with_uid(req, uid)
+                now = s.now()
+                choice = choose_unit(s.view, req, node, now, s.policy, s.demand_model)
+                if isinstance(choice, Rejection):
+                    self._explain_bind(key, uid, node, None, choice.reason)
+                    return binding_result(
+                        f"no unit on {node} can take {key} any more: {choice.reason}"
+                    ), "no_fit"
+                annotations = {
+                    UNIT_ANNOTATION: choice.unit,
+                    SM_SHARE_ANNOTATION: str(choice.sm_share),
+                    ASSIGNED_AT_ANNOTATION: rfc3339(now),
+                }
+                s.assume(req, node, choice.unit, choice.sm_share, now)
+            if self.binder is None:
+                s.unassume(key, uid)
+                return binding_result("the extender has no binder configured"), "failed"
+            try:
+                self.binder.bind(args.pod_namespace, args.pod_name, uid, node, annotations)
+            except AlreadyBound as e:
+                unit = e.annotations.get(UNIT_ANNOTATION)
+                if e.node == node and unit:
+                    # our own earlier bind whose answer was lost: adopt what the pod carries
+                    with s.lock:
+                        share = _share(e.annotations.get(SM_SHARE_ANNOTATION))
+                        s.assume(req, node, unit, share, now)
+                    self._explain_bind(key, uid, node, unit, None, adopted=True)
+                    return binding_result(), "already_bound"
+                s.unassume(key, uid)
+                return binding_result(str(e)), "conflict"
+            except BindError as e:
+                s.unassume(key, uid)
+                self._explain_bind(key, uid, node, None, str(e))
+                return binding_result(str(e)), "failed"
+            except Exception as e:  # a binder bug must still leave nothing assumed
+                s.unassume(key, uid)
+                log.exception("binder failed for %s", key)
+                return binding_result(f"binding {key} failed: {type(e).__name__}: {e}"), "failed"
+            self._explain_bind(key, uid, node, choice.unit, None, sm_share=choice.sm_share,
+                               demand=choice.demand.as_dict(), score=choice.score)
+            return binding_result(), "bound"
+
+    def _explain_bind(
+        self, key: str, uid: str, node: str, unit: str | None, error: str | None, **extra: Any
+    ) -> None:
+        prev = self.state.explanation(key) or {"pod": key}
+        entry = dict(prev)
+        entry["bind"] = {
+            "node": node,
+            "unit": unit,
+            "error": error,
+            "at": rfc3339(self.state.now()),
+            "uid": uid,
+            **extra,
+        }
+        self.state.record_explanation(key, entry)
+
+    def explain(self, namespace: str, name: str) -> dict[str, Any] | None:
+        key = f"{namespace}/{name}"
+        s = self.state
+        with s.lock:
+            base = s.explanation(key)
+            recent = self._recent.get(key)
+            info = s.pods.get(key)
+            if base is None and recent is None and info is None:
+                return None
+            out: dict[str, Any] = dict(base or {"pod": key})
+            if recent is not None:
+                out["decision"] = recent.decision.explain()
+            if info is not None:
+                out["state"] = info.to_dict()
+                if info.unit and s.view.unit_type(info.unit) is not None:
+                    out["state"]["unit_load"] = s.view.unit_load(
+                        info.unit, s.now(), s.policy.stale_after_s
+                    )
+            return out
+
+
+def _with_uid(req: PodRequest, uid: str) -> PodRequest:
+    from dataclasses import replace
+
+    return replace(req, uid=uid)
+
+
+def _share(text: str | None) -> int:
+    try:
+        return max(1, min(100, int(str(text))))
+    except (TypeError, ValueError):
+        return 100

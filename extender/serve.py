@@ -1,0 +1,160 @@
+"""Wiring for `copack extender serve`: the Kubernetes client, the watchers, the telemetry
+subscriber, the binder and the HTTP app, in one object with start/stop (tests start several in
+one process, on loopback, and restart them)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from extender.app import create_app
+from extender.binder import Binder, KubeBinder
+from extender.config import ExtenderConfig
+from extender.kube_watch import ClusterWatcher
+from extender.state import ClusterState
+from extender.telemetry import TelemetrySubscriber
+
+log = logging.getLogger("copack.extender")
+
+
+def kube_client(kubeconfig: str | None) -> k8s.ApiClient:
+    """From the kubeconfig file, else the in-cluster service account."""
+    if kubeconfig:
+        return k8s_config.new_client_from_config(config_file=kubeconfig)
+    cfg = k8s.Configuration()
+    k8s_config.load_incluster_config(client_configuration=cfg)
+    return k8s.ApiClient(cfg)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+class ExtenderService:
+    """Everything `serve` runs. `start()` returns once the HTTP port listens (not once synced:
+    /readyz says that); `stop()` undoes it all."""
+
+    def __init__(
+        self,
+        config: ExtenderConfig,
+        api_client: k8s.ApiClient | None = None,
+        binder: Binder | None = None,
+        **state_kwargs: Any,
+    ) -> None:
+        self.config = config
+        self._own_client = api_client is None
+        self.api_client = api_client or kube_client(config.kube.kubeconfig)
+        self.state = ClusterState(
+            config.policy_config(),
+            telemetry_statistic=config.telemetry.statistic,
+            bind_confirm_timeout_s=config.kube.bind_confirm_timeout_s,
+            explain_entries=config.limits.explain_entries,
+            **state_kwargs,
+        )
+        self.binder = binder or KubeBinder(self.api_client, timeout_s=config.kube.bind_timeout_s)
+        self.watcher = ClusterWatcher(
+            self.api_client,
+            self.state,
+            watch_timeout_s=config.kube.watch_timeout_s,
+            backoff_initial_s=config.kube.backoff_initial_s,
+            backoff_max_s=config.kube.backoff_max_s,
+        )
+        self.telemetry = (
+            TelemetrySubscriber(
+                self.state, config.telemetry.backoff_initial_s, config.telemetry.backoff_max_s
+            )
+            if config.telemetry.enabled
+            else None
+        )
+        self.app = create_app(self.state, config, self.binder)
+        self._sock: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return self._sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls.enabled else "http"
+        host = self.config.listen.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"{scheme}://{host}:{self.port}"
+
+    def _uvicorn(self) -> uvicorn.Server:
+        tls = self.config.tls
+        cfg = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=tls.cert_file,
+            ssl_keyfile=tls.key_file,
+            timeout_keep_alive=120,
+        )
+        return uvicorn.Server(cfg)
+
+    def _start_background(self) -> None:
+        self.watcher.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
+
+    def start(self) -> ExtenderService:
+        """Serve in a background thread (tests, benchmarks)."""
+        self._sock = _listen_socket(self.config.listen.host, self.config.listen.port)
+        self._start_background()
+        self._server = self._uvicorn()
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True,
+            name="copack-extender-http",
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the extender's HTTP server did not start")
+            time.sleep(0.01)
+        return self
+
+    def run(self) -> None:
+        """Serve in the foreground until SIGINT/SIGTERM (the CLI)."""
+        self._sock = _listen_socket(self.config.listen.host, self.config.listen.port)
+        self._start_background()
+        self._server = self._uvicorn()
+        log.info("copack extender listening on %s", self.url)
+        try:
+            self._server.run(sockets=[self._sock])
+        finally:
+            self._stop_background()
+
+    def _stop_background(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.stop()
+        self.watcher.stop()
+        if self._own_client:
+            self.api_client.close()
+        if self._sock is not None:
+            self._sock.close()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._stop_background()
