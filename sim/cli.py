@@ -1,9 +1,87 @@
-"""Subcommands of `copack` contributed by `sim`."""
+"""Subcommands of `copack` contributed by `sim`: `copack demo` and `copack sim --config FILE`."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import typer
+
+from sim.scenario import DEFAULT_SCENARIO, POLICIES, Scenario, ScenarioError, load_scenario
+
+
+def _run(scenario: Scenario, out: Path, policies: list[str] | None, workers: int) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sim.report import rich_table
+    from sim.simulate import run_scenario, write_report
+
+    console = Console()
+    pols = policies or list(scenario.policies)
+    unknown = [p for p in pols if p not in POLICIES]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICIES)})",
+            param_hint="--policy",
+        )
+    gpus = sum(p.count * p.gpus_per_node for p in scenario.cluster.pools)
+    console.print(
+        f"[bold]copack sim[/bold] {scenario.name}: {gpus} GPUs, {len(scenario.services)} services, "
+        f"{scenario.duration_s / 60:.0f} simulated minutes, policies {', '.join(pols)}"
+    )
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        tasks = {p: bar.add_task(p, total=1.0) for p in pols}
+
+        def progress(policy: str, frac: float) -> None:
+            bar.update(tasks[policy], completed=frac)
+
+        results = run_scenario(scenario, policies=pols, progress=progress, workers=workers)
+    path = write_report(results, out, scenario)
+    console.print(rich_table(results, f"{scenario.name} ({time.perf_counter() - t0:.0f} s)"))
+    console.print(f"report: {path}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this component's commands to the top-level app."""
+
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(Path("out"), help="folder for the HTML report"),
+        policy: list[str] = typer.Option(None, help="run only these policies (repeatable)"),
+        workers: int = typer.Option(0, help="parallel processes (0: up to 2, one per core)"),
+    ) -> None:
+        """Simulate the embedded default scenario under every policy and print the table."""
+        from sim.simulate import default_workers
+
+        try:
+            scenario = load_scenario(DEFAULT_SCENARIO)
+        except ScenarioError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
+        _run(scenario, out, policy or None, workers or default_workers())
+
+    @app.command("sim")
+    def sim(
+        config: Path = typer.Option(..., "--config", "-c", help="scenario YAML file"),
+        out: Path = typer.Option(Path("out"), help="folder for the HTML report"),
+        policy: list[str] = typer.Option(None, help="run only these policies (repeatable)"),
+        workers: int = typer.Option(0, help="parallel processes (0: up to 2, one per core)"),
+    ) -> None:
+        """Simulate a scenario file (see docs/simulator.md for its format)."""
+        from sim.simulate import default_workers
+
+        try:
+            scenario = load_scenario(config)
+        except ScenarioError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
+        _run(scenario, out, policy or None, workers or default_workers())

@@ -1,0 +1,104 @@
+"""The planner: sizes each service's prefill and decode pod counts from observed load.
+
+Like NVIDIA Dynamo's SLA planner, every interval it predicts the next interval's load from the
+last ones and divides it by what one pod sustains within the TTFT/TPOT targets, as found by
+profiling (here: the roofline on a reference GPU). Prefill pods are sized on queued work (GPU
+seconds of prefill per second), decode pods on output tokens per second at the largest batch
+whose step time meets the TPOT target. Scale-up is immediate; scale-down waits for several
+intervals in a row to agree, so a burst gap does not tear pods down and build them again.
+It sees only arrivals, never placements, so every policy gets the same pods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sim.scenario import AutoscalerSpec, ServiceSpec
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One service's arrivals over the last interval."""
+
+    rps: float
+    prompt_mean: float
+    output_mean: float
+    prefill_load: float  # reference-GPU seconds of prefill work per second
+
+
+@dataclass(frozen=True)
+class Target:
+    prefill: int
+    decode: int
+    rps: float  # predicted, for the pods' `copack.io/load`
+    prompt_mean: float
+    output_mean: float
+
+
+class Planner:
+    def __init__(
+        self,
+        spec: AutoscalerSpec,
+        services: Sequence[ServiceSpec],
+        decode_tokens_per_s: Callable[[int, float], float],
+    ) -> None:
+        """`decode_tokens_per_s(service, mean_context)`: what one decode pod sustains on the
+        reference GPU while meeting the service's TPOT target."""
+        self.spec = spec
+        self.services = list(services)
+        self._decode_cap = decode_tokens_per_s
+        self._pred: list[Observed | None] = [None] * len(services)
+        self._lower_streak = [[0, 0] for _ in services]
+
+    def _predict(self, i: int, obs: Observed) -> Observed:
+        prev = self._pred[i]
+        if prev is None:
+            pred = obs
+        else:
+            a = self.spec.smoothing
+            ew = Observed(
+                rps=a * obs.rps + (1 - a) * prev.rps,
+                prompt_mean=a * obs.prompt_mean + (1 - a) * prev.prompt_mean,
+                output_mean=a * obs.output_mean + (1 - a) * prev.output_mean,
+                prefill_load=a * obs.prefill_load + (1 - a) * prev.prefill_load,
+            )
+            # Never predict below what just happened: a rising load must be met at once.
+            pred = Observed(
+                rps=max(ew.rps, obs.rps),
+                prompt_mean=ew.prompt_mean if obs.rps == 0 else max(ew.prompt_mean, 1.0),
+                output_mean=ew.output_mean if obs.rps == 0 else max(ew.output_mean, 1.0),
+                prefill_load=max(ew.prefill_load, obs.prefill_load),
+            )
+        self._pred[i] = pred
+        return pred
+
+    def plan(
+        self, observed: Sequence[Observed], current: Sequence[tuple[int, int]]
+    ) -> list[Target]:
+        out: list[Target] = []
+        u = self.spec.target_utilization
+        for i, (svc, obs) in enumerate(zip(self.services, observed, strict=True)):
+            pred = self._predict(i, obs)
+            want_pf = math.ceil(pred.prefill_load / u - 1e-9)
+            ctx = max(pred.prompt_mean, 1.0) + max(pred.output_mean, 1.0) / 2
+            cap = max(self._decode_cap(i, ctx), 1e-9)
+            want_dc = math.ceil(pred.rps * pred.output_mean / (cap * u) - 1e-9)
+            want_pf = min(max(want_pf, svc.min_prefill), svc.max_pods)
+            want_dc = min(max(want_dc, svc.min_decode), svc.max_pods)
+            cur_pf, cur_dc = current[i]
+            new_pf = self._hysteresis(i, 0, cur_pf, want_pf)
+            new_dc = self._hysteresis(i, 1, cur_dc, want_dc)
+            out.append(Target(new_pf, new_dc, pred.rps, pred.prompt_mean, pred.output_mean))
+        return out
+
+    def _hysteresis(self, i: int, role: int, current: int, want: int) -> int:
+        if want >= current:
+            self._lower_streak[i][role] = 0
+            return want
+        self._lower_streak[i][role] += 1
+        if self._lower_streak[i][role] >= self.spec.scale_down_after:
+            self._lower_streak[i][role] = 0
+            return want
+        return current

@@ -1,0 +1,449 @@
+"""One simulated run: a scenario's traffic served under one placement policy.
+
+The loop advances a simulated clock in fixed steps. At each autoscaler tick the planner sizes
+every service; new pods are created (and shown to the extender's state as the pod watch would),
+surplus pods drain and are deleted once empty. Pending pods go through kube-scheduler's cycle
+(`sim.kube`) against the real extender app; its bind lands in `SimBinder`, which sets the
+pod's node and copack annotations as the API server would, and the updated pod is fed back to
+the extender's state. Every telemetry interval each node's agent "sends" a Snapshot built from
+what the performance model says its units did. The engine serves the requests in between.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from extender.binder import AlreadyBound, BindError
+from policies.annotations import pod_request_from_k8s
+from policies.inventory import DEMAND_ANNOTATION, SM_SHARE_ANNOTATION, UNIT_ANNOTATION
+from sim.autoscaler import Observed, Planner
+from sim.catalog import model as catalog_model
+from sim.catalog import unit_type
+from sim.cluster import Cluster, build_cluster
+from sim.engine import DECODE, PREFILL, Engine, Requests
+from sim.harness import ExtenderHarness
+from sim.kube import KubeScheduler
+from sim.perf import PerfTables, core_unit_type
+from sim.pods import NAMESPACE, make_pod
+from sim.scenario import Scenario
+from sim.telemetry import TelemetryAgent
+from sim.workload import Workload
+from workloads.roofline import RUNTIME_OVERHEAD_BYTES, DemandModel
+
+EPOCH = 1_767_225_600.0  # simulated wall clock at t=0 (2026-01-01T00:00:00Z)
+KV_LINK_BYTES_PER_S = 25e9  # prefill -> decode KV transfer (RDMA / NVLink mix)
+SERIES_EVERY_S = 10.0
+MAX_MODEL_LEN = 16384  # tokens one sequence may hold (vLLM --max-model-len)
+KV_BURST_FACTOR = 3.0  # KV budget over the roofline's mean-batch estimate
+
+
+@dataclass
+class PodRecord:
+    name: str
+    service: int
+    role: int
+    obj: dict[str, Any]
+    created_t: float
+    next_try_t: float
+    state: str = "pending"  # pending | bound | draining | deleted
+    pid: int = -1
+    node: str = ""
+    unit: int = -1
+    sm_share: float = 1.0
+    mem_bytes: int = 0
+    bound_t: float = float("nan")
+    deleted_t: float = float("nan")
+    last_reason: str = ""
+
+
+@dataclass
+class RunResult:
+    policy: str
+    scenario: str
+    duration_s: float
+    step_s: float
+    requests: Requests
+    ttft_slo: np.ndarray
+    tpot_slo: np.ndarray
+    gpu_seconds: float
+    peak_gpus: int
+    mean_sm: float
+    mean_bw: float
+    gpu_sm: np.ndarray  # per physical GPU, mean over its in-use time (NaN if never used)
+    gpu_bw: np.ndarray
+    series_t: np.ndarray
+    series_gpus: np.ndarray
+    series_lb: np.ndarray
+    lb_gpu_seconds: float
+    pods: list[PodRecord]
+    max_pods_per_unit: int
+    max_unit_mem_frac: float
+    unschedulable_attempts: int
+    extender_calls: dict[str, int]
+    wall_s: float
+    gpu_count: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpu_seconds / 3600.0
+
+    @property
+    def lb_gpu_hours(self) -> float:
+        return self.lb_gpu_seconds / 3600.0
+
+    def slo_met(self) -> np.ndarray:
+        r = self.requests
+        svc = r.service
+        ok = (r.ttft <= self.ttft_slo[svc]) & (r.tpot <= self.tpot_slo[svc] + 1e-12)
+        return ok & np.isfinite(r.finish)
+
+
+class SimBinder:
+    """The API server's side of `pods/binding`: sets spec.nodeName and merges the binding's
+    annotations into the simulated pod, atomically, with the UID precondition."""
+
+    def __init__(self) -> None:
+        self.pods: dict[tuple[str, str], PodRecord] = {}
+        self.bound: list[PodRecord] = []
+
+    def bind(
+        self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
+    ) -> None:
+        rec = self.pods.get((namespace, name))
+        if rec is None or rec.state == "deleted":
+            raise BindError(f"pods {name!r} not found in namespace {namespace!r}")
+        meta = rec.obj["metadata"]
+        if uid and meta["uid"] != uid:
+            raise BindError(
+                f"Precondition failed: UID in precondition: {uid}, "
+                f"UID in object meta: {meta['uid']}"
+            )
+        current = rec.obj["spec"].get("nodeName")
+        if current:
+            ann = {
+                k: v for k, v in meta.get("annotations", {}).items() if k.startswith("copack.io/")
+            }
+            raise AlreadyBound(f"{namespace}/{name} is already bound to {current}", current, ann)
+        rec.obj["spec"]["nodeName"] = node
+        meta.setdefault("annotations", {}).update(annotations)
+        meta["resourceVersion"] = str(int(meta.get("resourceVersion", "1")) + 1)
+        self.bound.append(rec)
+
+
+def _observe(
+    wl: Workload, ref_work: np.ndarray, n_services: int, t0: float, t1: float
+) -> list[Observed]:
+    a = int(np.searchsorted(wl.arrival, t0, side="left"))
+    b = int(np.searchsorted(wl.arrival, t1, side="left"))
+    svc = wl.service[a:b]
+    span = max(t1 - t0, 1e-9)
+    counts = np.bincount(svc, minlength=n_services).astype(float)
+    psum = np.bincount(svc, weights=wl.prompt[a:b], minlength=n_services)
+    osum = np.bincount(svc, weights=wl.output[a:b], minlength=n_services)
+    wsum = np.bincount(svc, weights=ref_work[a:b], minlength=n_services)
+    out = []
+    for i in range(n_services):
+        c = counts[i]
+        out.append(
+            Observed(
+                rps=c / span,
+                prompt_mean=psum[i] / c if c else 0.0,
+                output_mean=osum[i] / c if c else 0.0,
+                prefill_load=wsum[i] / span,
+            )
+        )
+    return out
+
+
+def run_policy(
+    scenario: Scenario,
+    policy: str,
+    workload: Workload,
+    *,
+    progress: Callable[[float], None] | None = None,
+) -> RunResult:
+    """Simulate the scenario under one policy; `progress(fraction)` is called as it goes."""
+    wall0 = time.perf_counter()
+    now = [0.0]
+    cluster: Cluster = build_cluster(scenario.cluster)
+    units_by_uuid = cluster.units_by_uuid()
+    binder = SimBinder()
+    harness = ExtenderHarness(scenario, policy, binder, clock=lambda: EPOCH + now[0])
+    for node in cluster.nodes:
+        harness.upsert_node(node)
+    harness.mark_synced()
+    sched = KubeScheduler(
+        harness.client,
+        extender_weight=scenario.scheduler.extender_weight,
+        least_allocated_resources=scenario.scheduler.least_allocated_resources,
+        percentage_of_nodes_to_score=scenario.scheduler.percentage_of_nodes_to_score,
+    )
+    for node in cluster.nodes:
+        sched.add_node(node)
+
+    services = scenario.services
+    ns = len(services)
+    models = [catalog_model(s.model) for s in services]
+    ref_ut = unit_type(scenario.autoscaler.reference_gpu, None)
+    perf = PerfTables(models, ref_ut)
+    demand_model = DemandModel()
+    reqs = Requests(workload.arrival, workload.prompt, workload.output, workload.service)
+    kv_s = np.array([m.kv_bytes_per_token for m in models])[workload.service] * (
+        workload.prompt / KV_LINK_BYTES_PER_S
+    )
+    n_units = len(cluster.units)
+    engine = Engine(
+        reqs,
+        ns,
+        perf,
+        n_units,
+        unit_mps=np.array([u.mps for u in cluster.units]),
+        unit_flops=np.array([u.type.flops for u in cluster.units]),
+        unit_bw=np.array([u.type.bandwidth for u in cluster.units]),
+        kv_transfer_s=kv_s,
+        dt=scenario.step_s,
+    )
+    ref_work = engine.ref_work
+
+    def decode_cap(i: int, ctx: float) -> float:
+        return perf.decode_tokens_per_s(i, ctx, services[i].slo.tpot_s)
+
+    planner = Planner(scenario.autoscaler, services, decode_cap)
+    telemetry = TelemetryAgent(cluster, scenario.telemetry_interval_s, scenario.step_s)
+
+    unit_gpu = np.array([cluster.gpu_uuids.index(u.gpu_uuid) for u in cluster.units])
+    unit_sm_frac = np.array([u.type.sm_fraction for u in cluster.units])
+    unit_bw_frac = np.array([u.type.bandwidth / u.type.spec.hbm_bw for u in cluster.units])
+    unit_mem = np.array([u.type.memory_bytes for u in cluster.units], dtype=float)
+    n_gpus = cluster.gpu_count
+    unit_pods = np.zeros(n_units, np.int64)
+    unit_mem_used = np.zeros(n_units)
+    max_mem_frac = 0.0
+    max_pods_unit = 0
+
+    pods: list[PodRecord] = []
+    live: list[list[list[PodRecord]]] = [[[], []] for _ in range(ns)]  # per service, per role
+    by_pid: dict[int, PodRecord] = {}
+    seq = [[0, 0] for _ in range(ns)]
+    unsched = 0
+
+    dt = scenario.step_s
+    n_steps = round(scenario.duration_s / dt)
+    interval = scenario.autoscaler.interval_s
+    next_plan = 0.0
+    series_every = max(1, round(SERIES_EVERY_S / dt))
+    gpus_series: list[int] = []
+    lb_inputs: list[tuple[float, float, float]] = []
+    gpu_sm_sum = np.zeros(n_gpus)
+    gpu_bw_sum = np.zeros(n_gpus)
+    gpu_steps = np.zeros(n_gpus)
+    gpu_in_use = np.zeros(n_gpus, bool)
+    gpu_seconds = 0.0
+    peak = 0
+    mem_total = 0.0
+
+    def refresh_use() -> None:
+        nonlocal gpu_in_use
+        used = np.zeros(n_gpus, bool)
+        used[unit_gpu[unit_pods > 0]] = True
+        gpu_in_use = used
+
+    def create(i: int, role: int, t: float, target) -> None:
+        svc = services[i]
+        rname = "prefill" if role == PREFILL else "decode"
+        seq[i][role] += 1
+        name = f"{svc.name}-{rname}-{seq[i][role]:04d}"
+        n_target = target.prefill if role == PREFILL else target.decode
+        obj = make_pod(
+            svc,
+            rname,
+            name,
+            seed=scenario.seed,
+            # The load each pod is sized for: its share at the planner's target utilization.
+            rps=target.rps / max(n_target, 1) / scenario.autoscaler.target_utilization,
+            prompt=target.prompt_mean or 1024,
+            output=target.output_mean or 128,
+            cpu=scenario.scheduler.pod_cpu,
+            memory_gib=scenario.scheduler.pod_memory_gib,
+            created=EPOCH + t,
+        )
+        obj["metadata"]["annotations"][DEMAND_ANNOTATION] = f"mem={_pod_memory(obj, i) // 2**20}Mi"
+        rec = PodRecord(name, i, role, obj, t, t)
+        pods.append(rec)
+        live[i][role].append(rec)
+        binder.pods[(NAMESPACE, name)] = rec
+        harness.upsert_pod(obj)
+
+    def _pod_memory(obj: dict[str, Any], i: int) -> int:
+        """The memory the deployment gives vLLM (its KV budget): what the roofline says the
+        declared load needs, with room for bursts (3x the KV) and never less than one
+        max-length sequence (vLLM refuses to start otherwise)."""
+        m = models[i]
+        core = demand_model.demand(pod_request_from_k8s(obj), core_unit_type(ref_ut)).mem_bytes
+        kv_core = max(core - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
+        kv = max(MAX_MODEL_LEN * m.kv_bytes_per_token, KV_BURST_FACTOR * kv_core)
+        return int(m.weight_bytes + RUNTIME_OVERHEAD_BYTES + kv)
+
+    def delete(rec: PodRecord, t: float) -> None:
+        nonlocal mem_total
+        if rec.unit >= 0:
+            unit_pods[rec.unit] -= 1
+            unit_mem_used[rec.unit] -= rec.mem_bytes
+            mem_total -= rec.mem_bytes
+        rec.state = "deleted"
+        rec.deleted_t = t
+        harness.delete_pod(NAMESPACE, rec.name)
+        sched.remove_pod(rec.obj["metadata"]["uid"])
+        refresh_use()
+
+    def scale(i: int, role: int, want: int, t: float, target) -> None:
+        cur = live[i][role]
+        while len(cur) < want:
+            create(i, role, t, target)
+        if len(cur) > want:
+            # Remove pending pods first, then the newest bound ones.
+            order = sorted(cur, key=lambda r: (r.state != "pending", -r.created_t))
+            for rec in order[: len(cur) - want]:
+                cur.remove(rec)
+                if rec.state == "pending":
+                    delete(rec, t)
+                else:
+                    rec.state = "draining"
+                    engine.drain(rec.pid)
+
+    def on_bound(rec: PodRecord, t: float) -> None:
+        nonlocal mem_total, max_mem_frac, max_pods_unit
+        ann = rec.obj["metadata"]["annotations"]
+        uuid = ann.get(UNIT_ANNOTATION)
+        if uuid not in units_by_uuid:
+            raise RuntimeError(
+                f"extender bound {rec.name} to {rec.obj['spec'].get('nodeName')} without a "
+                f"known {UNIT_ANNOTATION} (got {uuid!r})"
+            )
+        unit = units_by_uuid[uuid]
+        if unit.node != rec.obj["spec"]["nodeName"]:
+            raise RuntimeError(f"{rec.name}: unit {uuid} is not on node {unit.node}")
+        share = ann.get(SM_SHARE_ANNOTATION)
+        rec.sm_share = (int(share) / 100.0) if share else 1.0
+        request = pod_request_from_k8s(rec.obj)
+        rec.mem_bytes = int(demand_model.demand(request, core_unit_type(unit.type)).mem_bytes)
+        rec.node, rec.unit, rec.state, rec.bound_t = unit.node, unit.index, "bound", t
+        model = models[rec.service]
+        if rec.role == DECODE:
+            kv_budget = rec.mem_bytes - model.weight_bytes - RUNTIME_OVERHEAD_BYTES
+            ctx = _ctx_from_load(rec.obj)
+            max_batch = int(max(1, kv_budget // (model.kv_bytes_per_token * ctx)))
+        else:
+            max_batch = 1
+        ready = t if t == 0.0 else t + scenario.autoscaler.startup_s
+        ptype = perf.type_id(model, unit.type)
+        rec.pid = engine.add_pod(
+            rec.service, rec.role, unit.index, ptype, rec.sm_share, ready, max_batch
+        )
+        by_pid[rec.pid] = rec
+        unit_pods[unit.index] += 1
+        unit_mem_used[unit.index] += rec.mem_bytes
+        mem_total += rec.mem_bytes
+        max_mem_frac = max(max_mem_frac, float(unit_mem_used[unit.index] / unit_mem[unit.index]))
+        max_pods_unit = max(max_pods_unit, int(unit_pods[unit.index]))
+        refresh_use()
+
+    retry = scenario.scheduler.retry_s
+    for k in range(n_steps):
+        t = k * dt
+        now[0] = t
+        if t + 1e-9 >= next_plan:
+            lo = t if t == 0.0 else t - interval
+            hi = t + interval if t == 0.0 else t
+            observed = _observe(workload, ref_work, ns, lo, hi)
+            current = [(len(live[i][0]), len(live[i][1])) for i in range(ns)]
+            for i, target in enumerate(planner.plan(observed, current)):
+                scale(i, PREFILL, target.prefill, t, target)
+                scale(i, DECODE, target.decode, t, target)
+            next_plan += interval
+        # Pending pods through the scheduling cycle, oldest first (kube's activeQ order).
+        for rec in [r for r in pods if r.state == "pending" and r.next_try_t <= t + 1e-9]:
+            res = sched.schedule(rec.obj)
+            if res.node is None:
+                unsched += 1
+                rec.last_reason = res.reason
+                rec.next_try_t = t + retry
+                continue
+            harness.upsert_pod(rec.obj)  # the watch event of the bound pod
+            on_bound(rec, t)
+        for pid in engine.drained():
+            rec = by_pid.pop(pid)
+            delete(rec, t)
+        act = engine.step(t)
+        telemetry.record(act)
+        # Utilization of the GPUs in use, the lower bound's inputs, the count.
+        n_used = int(gpu_in_use.sum())
+        gpu_seconds += n_used * dt
+        peak = max(peak, n_used)
+        if n_used:
+            g_sm = np.bincount(unit_gpu, weights=act.tensor * unit_sm_frac, minlength=n_gpus)
+            g_bw = np.bincount(unit_gpu, weights=act.dram * unit_bw_frac, minlength=n_gpus)
+            gpu_sm_sum[gpu_in_use] += g_sm[gpu_in_use]
+            gpu_bw_sum[gpu_in_use] += g_bw[gpu_in_use]
+            gpu_steps[gpu_in_use] += 1
+        lb_inputs.append((act.flops, act.bytes_per_s, mem_total))
+        if k % series_every == 0:
+            gpus_series.append(n_used)
+        if telemetry.due(t + dt):
+            for node, snap in telemetry.snapshots(EPOCH + t + dt, unit_pods, unit_mem_used, pods):
+                harness.apply_snapshot(node, snap)
+        if progress is not None and k % 200 == 0:
+            progress(k / n_steps)
+    if progress is not None:
+        progress(1.0)
+    # Pods still holding units at the end: their unfinished requests count as SLO misses.
+    from sim.lower_bound import fluid_lower_bound
+
+    lb = fluid_lower_bound(cluster, np.asarray(lb_inputs))
+    calls = dict(harness.client.calls)
+    harness.close()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gsm = np.where(gpu_steps > 0, gpu_sm_sum / gpu_steps, np.nan)
+        gbw = np.where(gpu_steps > 0, gpu_bw_sum / gpu_steps, np.nan)
+    total_steps = gpu_steps.sum()
+    return RunResult(
+        policy=policy,
+        scenario=scenario.name,
+        duration_s=n_steps * dt,
+        step_s=dt,
+        requests=reqs,
+        ttft_slo=workload.ttft_slo,
+        tpot_slo=workload.tpot_slo,
+        gpu_seconds=gpu_seconds,
+        peak_gpus=peak,
+        mean_sm=float(gpu_sm_sum.sum() / total_steps) if total_steps else 0.0,
+        mean_bw=float(gpu_bw_sum.sum() / total_steps) if total_steps else 0.0,
+        gpu_sm=gsm,
+        gpu_bw=gbw,
+        series_t=np.arange(len(gpus_series)) * series_every * dt,
+        series_gpus=np.asarray(gpus_series),
+        series_lb=lb[::series_every],
+        lb_gpu_seconds=float(lb.sum() * dt),
+        pods=pods,
+        max_pods_per_unit=max_pods_unit,
+        max_unit_mem_frac=max_mem_frac,
+        unschedulable_attempts=unsched,
+        extender_calls=calls,
+        wall_s=time.perf_counter() - wall0,
+        gpu_count=n_gpus,
+    )
+
+
+def _ctx_from_load(pod: dict[str, Any]) -> float:
+    """Mean context (prompt + output / 2) the pod's `copack.io/load` declares."""
+    request = pod_request_from_k8s(pod)
+    load = request.load
+    if load is None:
+        return 2048.0
+    return float(load.prompt_tokens) + float(load.output_tokens or 128) / 2.0

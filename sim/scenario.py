@@ -1,0 +1,218 @@
+"""Scenario files: the cluster, the services and their traffic, the autoscaler, the scheduler.
+
+A scenario is YAML validated by pydantic, so a typo or an impossible value is reported with
+its path in the file (`cluster.pools[1].mig_layouts[0]: ...`) instead of surfacing as a crash
+deep inside a run. The embedded default is `sim/scenarios/default.yaml` (`copack demo`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+POLICIES: tuple[str, ...] = ("dedicated", "spread", "binpack", "complementary")
+DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "default.yaml"
+LARGE_SCENARIO = Path(__file__).parent / "scenarios" / "large.yaml"
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message says where and what is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodePool(_Strict):
+    """`count` identical nodes, each with `gpus_per_node` GPUs of `product`."""
+
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    count: int = Field(ge=1, le=10_000)
+    gpus_per_node: int = Field(ge=1, le=16)
+    product: str = Field(min_length=1, description="GPU catalog key or NVML product name")
+    # MIG layouts cycled over the node's GPUs; empty = whole GPUs (MIG off).
+    mig_layouts: list[list[str]] = Field(default_factory=list)
+    sharing: Literal["mps", "time-slicing"] = "mps"
+    cpu: int = Field(default=192, ge=1)
+    memory_gib: int = Field(default=2048, ge=1)
+
+
+class ClusterSpec(_Strict):
+    pools: list[NodePool] = Field(min_length=1)
+    # `copack.io/gpu` slots the device plugin advertises per unit (pods per unit at most).
+    slots_per_unit: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_names(cls, pools: list[NodePool]) -> list[NodePool]:
+        names = [p.name for p in pools]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate pool names: {sorted(dup)}")
+        return pools
+
+
+class Slo(_Strict):
+    ttft_s: float = Field(gt=0)
+    tpot_s: float = Field(gt=0)
+
+
+class ServiceSpec(_Strict):
+    """One disaggregated service: prefill and decode pods of `model`, traffic from `trace`."""
+
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    model: str = Field(min_length=1)
+    trace: str = Field(min_length=1, description="`code`, `conv`, or a CSV path")
+    rate: float = Field(default=1.0, gt=0, le=1000, description="arrival-rate multiplier")
+    time_scale: float = Field(default=1.0, gt=0, le=1000)
+    offset_s: float = Field(default=0.0, ge=0)
+    slo: Slo
+    min_prefill: int = Field(default=1, ge=1)
+    min_decode: int = Field(default=1, ge=1)
+    max_pods: int = Field(default=64, ge=2)
+
+
+class AutoscalerSpec(_Strict):
+    """Dynamo-planner-like: every `interval_s`, size prefill and decode from observed load."""
+
+    interval_s: float = Field(default=60.0, gt=0)
+    # Fraction of a pod's SLO-feasible capacity the planner aims to use (headroom for bursts).
+    target_utilization: float = Field(default=0.7, gt=0, le=1)
+    # Weight of the newest interval in the load predictor (1 = last interval only).
+    smoothing: float = Field(default=0.5, gt=0, le=1)
+    # Scale down only after this many consecutive intervals asking for fewer pods.
+    scale_down_after: int = Field(default=3, ge=1)
+    startup_s: float = Field(default=30.0, ge=0, description="model load time of a new pod")
+    # The GPU the planner's capacity profile is taken on (Dynamo profiles one GPU type).
+    reference_gpu: str = "H100-SXM"
+
+
+class SchedulerSpec(_Strict):
+    """kube-scheduler settings that change the outcome of a placement."""
+
+    extender_weight: int = Field(default=5, ge=1, le=100)
+    node_cache_capable: bool = True
+    # Resources LeastAllocated scores (kube default: cpu and memory, weight 1 each).
+    least_allocated_resources: list[str] = Field(default_factory=lambda: ["cpu", "memory"])
+    # 0 = kube's adaptive default (50 % - nodes/125, at least 5 % and 100 nodes).
+    percentage_of_nodes_to_score: int = Field(default=0, ge=0, le=100)
+    retry_s: float = Field(default=10.0, gt=0, description="backoff before a pending pod retries")
+    pod_cpu: int = Field(default=8, ge=1)
+    pod_memory_gib: int = Field(default=64, ge=1)
+
+
+class Scenario(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    duration_s: float = Field(gt=0, le=7 * 86400)
+    step_s: float = Field(default=0.25, gt=0, le=5)
+    telemetry_interval_s: float = Field(default=10.0, gt=0)
+    policies: list[Literal["dedicated", "spread", "binpack", "complementary"]] = Field(
+        default_factory=lambda: list(POLICIES), min_length=1
+    )
+    cluster: ClusterSpec
+    services: list[ServiceSpec] = Field(min_length=1)
+    autoscaler: AutoscalerSpec = Field(default_factory=AutoscalerSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    # Passed to the extender's config for every policy (policy name set per run).
+    extender: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("services")
+    @classmethod
+    def _unique_services(cls, services: list[ServiceSpec]) -> list[ServiceSpec]:
+        names = [s.name for s in services]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate service names: {sorted(dup)}")
+        return services
+
+    @field_validator("policies")
+    @classmethod
+    def _unique_policies(cls, policies: list[str]) -> list[str]:
+        if len(set(policies)) != len(policies):
+            raise ValueError("each policy may be listed once")
+        return policies
+
+    @model_validator(mode="after")
+    def _step_fits(self) -> Scenario:
+        if self.step_s > self.autoscaler.interval_s:
+            raise ValueError("step_s must not exceed autoscaler.interval_s")
+        return self
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid scenario {source}:"]
+    for err in e.errors()[:10]:
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {where}: {err['msg']}")
+    if len(e.errors()) > 10:
+        lines.append(f"  ... and {len(e.errors()) - 10} more")
+    return "\n".join(lines)
+
+
+def parse_scenario(raw: Any, source: str = "<scenario>") -> Scenario:
+    """Validate a parsed YAML/JSON document; raise ScenarioError naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"invalid scenario {source}: top level must be a mapping")
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as e:
+        raise ScenarioError(_format_error(e, source)) from None
+    _check_catalog(scenario, source)
+    return scenario
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ScenarioError(f"cannot read scenario {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"scenario {path} is not valid YAML: {e}") from None
+    return parse_scenario(raw, str(path))
+
+
+def default_scenario() -> Scenario:
+    return load_scenario(DEFAULT_SCENARIO)
+
+
+def _check_catalog(scenario: Scenario, source: str) -> None:
+    """Names the catalogs must know: GPU products, MIG layouts, models, traces."""
+    from sim import catalog
+
+    problems: list[str] = []
+    for i, pool in enumerate(scenario.cluster.pools):
+        where = f"cluster.pools[{i}]"
+        try:
+            catalog.gpu(pool.product)
+        except (KeyError, ValueError) as e:
+            problems.append(f"{where}.product: {_msg(e)}")
+            continue
+        for j, layout in enumerate(pool.mig_layouts):
+            problem = catalog.layout_problem(pool.product, layout)
+            if problem:
+                problems.append(f"{where}.mig_layouts[{j}]: {problem}")
+    for i, svc in enumerate(scenario.services):
+        try:
+            catalog.model(svc.model)
+        except (KeyError, ValueError) as e:
+            problems.append(f"services[{i}].model: {_msg(e)}")
+        from sim.traces import TRACE_FILES
+
+        if svc.trace not in TRACE_FILES and not Path(svc.trace).is_file():
+            problems.append(
+                f"services[{i}].trace: {svc.trace!r} is neither one of "
+                f"{sorted(TRACE_FILES)} nor an existing CSV file"
+            )
+    if problems:
+        raise ScenarioError(f"invalid scenario {source}:\n  " + "\n  ".join(problems))
+
+
+def _msg(e: Exception) -> str:
+    return str(e.args[0]) if e.args else str(e)
