@@ -201,20 +201,6 @@ def _role_inferrer() -> Callable[[Mapping[str, Any]], str | None] | None:
     return infer_role
 
 
-_KV_ROLE = re.compile(r"""["']?kv_role["']?\s*:\s*["']?(kv_producer|kv_consumer|kv_both)""")
-_KV_ROLE_MAP = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "mixed"}
-
-
-def _fallback_infer(pod: Mapping[str, Any]) -> str | None:
-    """Minimal vLLM `--kv-transfer-config` kv_role reading, used only without workloads.roles."""
-    for c in _containers(pod):
-        words = [str(w) for w in (c.get("command") or []) + (c.get("args") or [])]
-        m = _KV_ROLE.search(" ".join(words))
-        if m:
-            return _KV_ROLE_MAP[m.group(1)]
-    return None
-
-
 def pod_request_from_k8s(pod: Mapping[str, Any]) -> PodRequest:
     """Parse a Pod JSON dict. Raises AnnotationError for a malformed copack annotation."""
     if not isinstance(pod, Mapping):
@@ -231,8 +217,8 @@ def pod_request_from_k8s(pod: Mapping[str, Any]) -> PodRequest:
     if ROLE_ANNOTATION in ann:
         role, role_source = parse_role(ann[ROLE_ANNOTATION]), "annotation"
     else:
-        infer = _role_inferrer() or _fallback_infer
-        inferred = infer(pod)
+        infer = _role_inferrer()
+        inferred = infer(pod) if infer is not None else None
         if inferred is not None:
             if inferred not in ROLES:
                 raise AnnotationError(f"role inferred from the pod is {inferred!r}, not a role")

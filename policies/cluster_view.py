@@ -2,11 +2,16 @@
 struct-of-arrays, updated one event at a time in O(1) amortized, read by decide() in a few
 vectorized passes.
 
-Per unit we keep capacity (memory bytes; sm and bw capacity are 1.0 by definition, demands are
-fractions of the unit), health, the last telemetry sample and its time, the sum of declared
-demands of pods bound to it and the part of that sum placed too recently to show in the
-telemetry. Python-side dicts map names to slots and hold the pods; nothing on the decision
-path loops over units in Python."""
+Layout: 2-D arrays of shape (K, rows). A node takes one row (or several, if it has more than
+K units); its units sit in that row's columns in inventory order. Per-node reductions are then
+element-wise operations across K contiguous rows (fast), not segmented reductions (slow), and
+there is no permutation to gather through. Rows grow by doubling; freed rows are reused.
+
+Per unit we keep capacity (memory bytes; sm and bw capacity are 1.0 by definition since demands
+are fractions of the unit), health, the last telemetry sample and its time, the sum of declared
+demands of the pods bound to it, the part of that sum placed too recently to show in the
+telemetry, and the resulting effective load for fresh telemetry (kept current on every event,
+so a decision only has to swap in the declared sums where telemetry went stale)."""
 
 from __future__ import annotations
 
@@ -33,11 +38,24 @@ _FLOAT_FIELDS = (
     "recent_sm",
     "recent_bw",
     "recent_mem",
+    "eff_sm",
+    "eff_bw",
+    "eff_mem",
     "tol_x",
     "tol_y",
 )
-_INT_FIELDS = ("node_id", "type_id", "npods", "index")
+_INT_FIELDS = ("type_id", "npods", "index")
 _BOOL_FIELDS = ("active", "healthy", "tel_tensor")
+_DEFAULTS = {"tel_t": -np.inf, "tol_x": np.inf, "tol_y": np.inf, "mem_cap": 1.0}
+
+Slot = tuple[int, int]  # (column j, row)
+
+
+class UnknownUnitError(KeyError):
+    """A unit UUID the view does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
@@ -56,6 +74,10 @@ class PodRecord:
     tol_x: float = math.inf
     tol_y: float = math.inf
 
+    @property
+    def slo_sensitive(self) -> bool:
+        return math.isfinite(self.tol_x) or math.isfinite(self.tol_y)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "pod": self.key,
@@ -71,7 +93,8 @@ class PodRecord:
 class _Node:
     name: str
     node_id: int
-    slots: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    uuids: list[str] = field(default_factory=list)  # inventory order
     labels: dict[str, str] = field(default_factory=dict)
     mps: bool = False
 
@@ -81,8 +104,8 @@ def _tolerance(
 ) -> tuple[float, float]:
     """How much bandwidth excess (x-1) and compute excess (y-1) this pod's SLO tolerates.
 
-    From slowdown_factor: f = a/s + 1 - a + mem_frac*(x-1) + a*(y-1) must stay within
-    slo/base, so (x-1) <= slack/mem_frac and (y-1) <= slack/a, per metric."""
+    From contention.slowdown_factor: f = a/s + 1 - a + mem_frac*(x-1) + a*(y-1) must stay within
+    slo/base, so (x-1) <= slack/mem_frac and (y-1) <= slack/a, per metric (TTFT, TPOT)."""
     if request is None or timing is None or request.slo.empty:
         return math.inf, math.inf
     tol_x = tol_y = math.inf
@@ -101,68 +124,93 @@ def _tolerance(
     return tol_x, tol_y
 
 
-class UnknownUnitError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
 class ClusterView:
     """Mutable vectorized view of every unit; see the module docstring."""
 
-    def __init__(self, capacity: int = 1024) -> None:
-        self._cap = max(16, capacity)
-        self._n = 0  # slots ever used (high-water mark)
-        for f in _FLOAT_FIELDS:
-            setattr(self, f, np.zeros(self._cap, dtype=np.float64))
-        for f in _INT_FIELDS:
-            setattr(self, f, np.zeros(self._cap, dtype=np.int32))
-        for f in _BOOL_FIELDS:
-            setattr(self, f, np.zeros(self._cap, dtype=bool))
-        self.tel_t[:] = -np.inf
-        self.tol_x[:] = np.inf
-        self.tol_y[:] = np.inf
-        self._free: list[int] = []
-        self.slot_uuid: list[str | None] = [None] * self._cap
-        self.slot_unit: list[InventoryUnit | None] = [None] * self._cap
-        self._uuid_slot: dict[str, int] = {}
+    def __init__(self, capacity: int = 1024, units_per_row: int = 8) -> None:
+        if units_per_row < 1:
+            raise ValueError("units_per_row must be >= 1")
+        self.K = units_per_row
+        self._rows_cap = max(8, -(-capacity // self.K))
+        self._rows = 0  # high-water mark of rows in use
+        for f in (*_FLOAT_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS):
+            setattr(self, f, self._new_array(f, self._rows_cap))
+        self.row_node = np.full(self._rows_cap, -1, dtype=np.intp)  # node id per row
+        self.row_primary = np.zeros(self._rows_cap, dtype=bool)  # first row of its node
+        self._free_rows: list[int] = []
+        self.slot_uuid: dict[Slot, str] = {}
+        self.slot_unit: dict[Slot, InventoryUnit] = {}
+        self._uuid_slot: dict[str, Slot] = {}
         self._nodes: dict[str, _Node] = {}
         self._node_by_id: list[_Node | None] = []
         self._free_node_ids: list[int] = []
         self.types: list[UnitType] = []
         self._type_index: dict[UnitType, int] = {}
         self._pods: dict[str, PodRecord] = {}
-        self._unit_pods: dict[int, dict[str, PodRecord]] = {}
+        self._unit_pods: dict[str, dict[str, PodRecord]] = {}  # uuid -> pods
         self._pending: dict[str, PodRecord] = {}  # placed on a unit not (yet) in the view
-        self._order_dirty = True
-        self._order: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._group_of_node = np.zeros(0, dtype=np.intp)
-        self._order_version = 0  # bumped when the node/unit membership (the order) changes
-        self._slo_pods = 0  # attached pods whose SLO makes them sensitive to contention
-        self.version = 0  # bumped on every change (caches key on it)
-        self._window = 10.0  # assumed window (s); see set_assumed_window
+        self._multi_row: dict[int, list[int]] = {}  # node id -> rows, for nodes with > K units
+        self._slo_pods = 0
+        self._window = 10.0
+        self.version = 0  # bumped on every change
+        self.layout_version = 0  # bumped when nodes/units are added or removed
+        self._scratch: dict[str, np.ndarray] = {}
 
     # -- storage ---------------------------------------------------------------------------
-    def _grow(self) -> None:
-        new = self._cap * 2
+    def _new_array(self, f: str, rows: int) -> np.ndarray:
+        if f in _INT_FIELDS:
+            dtype: Any = np.intp
+        elif f in _BOOL_FIELDS:
+            dtype = bool
+        else:
+            dtype = np.float64
+        arr = np.zeros((self.K, rows), dtype=dtype)
+        if f in _DEFAULTS:
+            arr[:] = _DEFAULTS[f]
+        return arr
+
+    def _grow_rows(self) -> None:
+        new = self._rows_cap * 2
         for f in (*_FLOAT_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS):
             old = getattr(self, f)
-            arr = np.zeros(new, dtype=old.dtype)
-            arr[: self._cap] = old
+            arr = self._new_array(f, new)
+            arr[:, : self._rows_cap] = old
             setattr(self, f, arr)
-        self.tel_t[self._cap :] = -np.inf
-        self.tol_x[self._cap :] = np.inf
-        self.tol_y[self._cap :] = np.inf
-        self.slot_uuid.extend([None] * (new - self._cap))
-        self.slot_unit.extend([None] * (new - self._cap))
-        self._cap = new
+        rn = np.full(new, -1, dtype=np.intp)
+        rn[: self._rows_cap] = self.row_node
+        self.row_node = rn
+        rp = np.zeros(new, dtype=bool)
+        rp[: self._rows_cap] = self.row_primary
+        self.row_primary = rp
+        self._rows_cap = new
+        self._scratch.clear()
 
-    def _alloc_slot(self) -> int:
-        if self._free:
-            return self._free.pop()
-        if self._n == self._cap:
-            self._grow()
-        self._n += 1
-        return self._n - 1
+    def _alloc_row(self, node_id: int, primary: bool) -> int:
+        if self._free_rows:
+            row = self._free_rows.pop()
+        else:
+            if self._rows == self._rows_cap:
+                self._grow_rows()
+            row = self._rows
+            self._rows += 1
+        self.row_node[row] = node_id
+        self.row_primary[row] = primary
+        return row
+
+    def _clear_row(self, row: int) -> None:
+        for f in (*_FLOAT_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS):
+            getattr(self, f)[:, row] = _DEFAULTS.get(f, 0)
+        self.row_node[row] = -1
+        self.row_primary[row] = False
+
+    def scratch(self, name: str, dtype: Any = np.float64) -> np.ndarray:
+        """A reusable (K, rows) work buffer: decisions write temporaries here instead of
+        allocating (allocating 300 kB arrays per decision costs page faults)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape[1] != self._rows or buf.dtype != dtype:
+            buf = np.empty((self.K, self._rows), dtype=dtype)
+            self._scratch[name] = buf
+        return buf
 
     def _type_id(self, t: UnitType) -> int:
         tid = self._type_index.get(t)
@@ -171,21 +219,6 @@ class ClusterView:
             self.types.append(t)
             self._type_index[t] = tid
         return tid
-
-    def _reset_slot(self, slot: int) -> None:
-        self.active[slot] = False
-        self.healthy[slot] = False
-        self.tel_t[slot] = -np.inf
-        for f in ("tel_sm", "tel_bw", "tel_mem", "decl_sm", "decl_bw", "decl_mem"):
-            getattr(self, f)[slot] = 0.0
-        for f in ("recent_sm", "recent_bw", "recent_mem"):
-            getattr(self, f)[slot] = 0.0
-        self.tol_x[slot] = np.inf
-        self.tol_y[slot] = np.inf
-        self.npods[slot] = 0
-        self.tel_tensor[slot] = False
-        self.slot_uuid[slot] = None
-        self.slot_unit[slot] = None
 
     # -- nodes and units -------------------------------------------------------------------
     def set_node(
@@ -197,9 +230,12 @@ class ClusterView:
     ) -> list[str]:
         """Create or replace a node's units (from its `copack.io/inventory`).
 
-        Units keep their slot, telemetry and pods when their UUID stays; units that vanished
-        (re-partition, GPU lost from the inventory) are dropped with their pods, whose keys are
+        Units keep their telemetry and pods when their UUID stays; units that vanished
+        (re-partition, GPU gone from the inventory) are dropped with their pods, whose keys are
         returned. Pods placed earlier on a UUID that now appears are attached."""
+        uuids = [u.uuid for u in units]
+        if len(set(uuids)) != len(uuids):
+            raise ValueError(f"node {name}: duplicate unit uuids in its inventory")
         node = self._nodes.get(name)
         if node is None:
             nid = self._free_node_ids.pop() if self._free_node_ids else len(self._node_by_id)
@@ -211,66 +247,85 @@ class ClusterView:
             self._nodes[name] = node
         node.labels = dict(labels or {})
         node.mps = bool(mps)
-        wanted = {u.uuid: u for u in units}
-        if len(wanted) != len(units):
-            raise ValueError(f"node {name}: duplicate unit uuids in inventory")
+        wanted = set(uuids)
         dropped: list[str] = []
-        keep: list[int] = []
-        for slot in node.slots:
-            uuid = self.slot_uuid[slot]
+        # Save the per-unit state of units that stay, then rebuild the node's rows.
+        saved: dict[str, dict[str, Any]] = {}
+        for uuid in node.uuids:
+            slot = self._uuid_slot.pop(uuid)
             if uuid in wanted:
-                keep.append(slot)
+                saved[uuid] = {
+                    f: getattr(self, f)[slot] for f in (*_FLOAT_FIELDS, "npods", "tel_tensor")
+                }
             else:
-                dropped.extend(self._drop_slot(slot))
-        for uuid in wanted:
-            other = self._uuid_slot.get(uuid)
-            if other is not None and other not in keep:
-                # The same UUID under another node: the inventories disagree; the newest wins.
-                dropped.extend(self._drop_slot(other))
-                for n in self._nodes.values():
-                    if other in n.slots:
-                        n.slots.remove(other)
-        by_uuid = {self.slot_uuid[s]: s for s in keep}
-        new_slots: list[int] = []
-        for u in units:  # inventory order = order of units within the node
-            slot = by_uuid.get(u.uuid)
-            if slot is None:
-                slot = self._alloc_slot()
-                self._reset_slot(slot)
-                self.slot_uuid[slot] = u.uuid
-                self._uuid_slot[u.uuid] = slot
-                self.active[slot] = True
-                self._unit_pods[slot] = {}
+                dropped.extend(self._drop_pods_of(uuid))
+            self.slot_uuid.pop(slot, None)
+            self.slot_unit.pop(slot, None)
+        for uuid in uuids:  # the same UUID listed under another node: the newest inventory wins
+            slot = self._uuid_slot.get(uuid)
+            if slot is not None:
+                owner = self._node_by_id[int(self.row_node[slot[1]])]
+                if owner is not None and owner is not node:
+                    dropped.extend(
+                        self.set_node(
+                            owner.name,
+                            [
+                                self.slot_unit[s]
+                                for s in self._slots_of(owner)
+                                if self.slot_uuid[s] != uuid
+                            ],
+                            owner.labels,
+                            owner.mps,
+                        )
+                    )
+        for row in node.rows:
+            self._clear_row(row)
+            self._free_rows.append(row)
+        node.rows = []
+        self._multi_row.pop(node.node_id, None)
+        n_rows = max(1, -(-len(units) // self.K))
+        for r in range(n_rows):
+            node.rows.append(self._alloc_row(node.node_id, primary=(r == 0)))
+        if n_rows > 1:
+            self._multi_row[node.node_id] = list(node.rows)
+        node.uuids = uuids
+        for pos, u in enumerate(units):
+            slot = (pos % self.K, node.rows[pos // self.K])
+            self._uuid_slot[u.uuid] = slot
+            self.slot_uuid[slot] = u.uuid
             self.slot_unit[slot] = u
-            self.node_id[slot] = node.node_id
+            state = saved.get(u.uuid)
+            if state is not None:
+                for f, v in state.items():
+                    getattr(self, f)[slot] = v
+            else:
+                self._unit_pods.setdefault(u.uuid, {})
+            self.active[slot] = True
             self.type_id[slot] = self._type_id(UnitType(u.product, u.mig_profile))
             self.mem_cap[slot] = float(u.memory_bytes)
             self.healthy[slot] = bool(u.healthy)
             self.index[slot] = u.index
-            new_slots.append(slot)
-        node.slots = new_slots
+            self._recompute(slot)
         for key in list(self._pending):
             rec = self._pending[key]
             slot = self._uuid_slot.get(rec.uuid)
             if slot is not None:
                 del self._pending[key]
                 self._attach(rec, slot)
-        self._order_dirty = True
+        self.layout_version += 1
         self.version += 1
         return dropped
 
-    def _drop_slot(self, slot: int) -> list[str]:
-        uuid = self.slot_uuid[slot]
-        pods = list(self._unit_pods.pop(slot, {}).keys())
-        for key in pods:
-            rec = self._pods.pop(key, None)
-            if rec is not None and (math.isfinite(rec.tol_x) or math.isfinite(rec.tol_y)):
+    def _slots_of(self, node: _Node) -> list[Slot]:
+        return [self._uuid_slot[u] for u in node.uuids if u in self._uuid_slot]
+
+    def _drop_pods_of(self, uuid: str) -> list[str]:
+        pods = list(self._unit_pods.pop(uuid, {}).values())
+        for rec in pods:
+            self._pods.pop(rec.key, None)
+            if rec.slo_sensitive:
                 self._slo_pods -= 1
-        if uuid is not None:
-            self._uuid_slot.pop(uuid, None)
-        self._reset_slot(slot)
-        self._free.append(slot)
-        return pods
+        return [rec.key for rec in pods]
 
     def remove_node(self, name: str) -> list[str]:
         """Forget a node and its units; returns the keys of pods that were on them."""
@@ -278,11 +333,19 @@ class ClusterView:
         if node is None:
             return []
         dropped: list[str] = []
-        for slot in node.slots:
-            dropped.extend(self._drop_slot(slot))
+        for uuid in node.uuids:
+            slot = self._uuid_slot.pop(uuid, None)
+            if slot is not None:
+                self.slot_uuid.pop(slot, None)
+                self.slot_unit.pop(slot, None)
+            dropped.extend(self._drop_pods_of(uuid))
+        for row in node.rows:
+            self._clear_row(row)
+            self._free_rows.append(row)
+        self._multi_row.pop(node.node_id, None)
         self._node_by_id[node.node_id] = None
         self._free_node_ids.append(node.node_id)
-        self._order_dirty = True
+        self.layout_version += 1
         self.version += 1
         return dropped
 
@@ -307,21 +370,20 @@ class ClusterView:
     ) -> bool:
         """One sample for a unit. Compute load is tensor-pipe activity when the agent has it
         (GPM), else SM activity (coarse source: overstates compute use, DESIGN.md). Returns
-        False for an unknown UUID; older samples than the one held are ignored."""
+        False for an unknown UUID; a sample older than the one held is ignored."""
         slot = self._uuid_slot.get(uuid)
         if slot is None:
             return False
-        if t < self.tel_t[slot]:
+        if not math.isfinite(t) or t < self.tel_t[slot]:
             return True
-        comp = tensor if tensor is not None and math.isfinite(tensor) else sm
+        has_tensor = tensor is not None and math.isfinite(tensor)
         self.tel_t[slot] = t
-        self.tel_sm[slot] = _ratio(comp)
+        self.tel_sm[slot] = _ratio(tensor if has_tensor else sm)
         self.tel_bw[slot] = _ratio(bw)
-        self.tel_mem[slot] = (
-            max(0.0, float(mem_used_bytes)) if math.isfinite(mem_used_bytes) else 0.0
-        )
-        self.tel_tensor[slot] = tensor is not None and math.isfinite(tensor)
-        self._recompute_sums(slot)
+        mem = float(mem_used_bytes) if mem_used_bytes is not None else 0.0
+        self.tel_mem[slot] = max(0.0, mem) if math.isfinite(mem) else 0.0
+        self.tel_tensor[slot] = has_tensor
+        self._recompute(slot)
         self.version += 1
         return True
 
@@ -346,20 +408,19 @@ class ClusterView:
             pod_key, unit_uuid, demand, float(t), role, int(sm_share), request, timing, tol_x, tol_y
         )
         slot = self._uuid_slot.get(unit_uuid)
+        self.version += 1
         if slot is None:
             self._pending[pod_key] = rec
-            self.version += 1
             return False
         self._attach(rec, slot)
-        self.version += 1
         return True
 
-    def _attach(self, rec: PodRecord, slot: int) -> None:
+    def _attach(self, rec: PodRecord, slot: Slot) -> None:
         self._pods[rec.key] = rec
-        if math.isfinite(rec.tol_x) or math.isfinite(rec.tol_y):
+        if rec.slo_sensitive:
             self._slo_pods += 1
-        self._unit_pods.setdefault(slot, {})[rec.key] = rec
-        self._recompute_sums(slot)
+        self._unit_pods.setdefault(rec.uuid, {})[rec.key] = rec
+        self._recompute(slot)
 
     def unplace(self, pod_key: str) -> bool:
         """Forget a pod (deleted, finished, bind failed). False if it was not known."""
@@ -369,19 +430,19 @@ class ClusterView:
         rec = self._pods.pop(pod_key, None)
         if rec is None:
             return False
-        if math.isfinite(rec.tol_x) or math.isfinite(rec.tol_y):
+        if rec.slo_sensitive:
             self._slo_pods -= 1
+        self._unit_pods.get(rec.uuid, {}).pop(pod_key, None)
         slot = self._uuid_slot.get(rec.uuid)
         if slot is not None:
-            self._unit_pods.get(slot, {}).pop(pod_key, None)
-            self._recompute_sums(slot)
+            self._recompute(slot)
         self.version += 1
         return True
 
-    def _recompute_sums(self, slot: int) -> None:
-        """Declared sums, the recently-placed part and SLO tolerances of one unit (exact; a unit
-        holds a handful of pods so this is O(1) in the cluster size)."""
-        pods = self._unit_pods.get(slot) or {}
+    def _recompute(self, slot: Slot) -> None:
+        """Declared sums, the recently-placed part, the fresh-telemetry effective load and the
+        SLO tolerances of one unit. Exact, from its pods (a unit holds a handful)."""
+        pods = self._unit_pods.get(self.slot_uuid[slot]) or {}
         cutoff = self.tel_t[slot] - self._window
         dsm = dbw = dmem = rsm = rbw = rmem = 0.0
         tx = ty = math.inf
@@ -398,17 +459,20 @@ class ClusterView:
             ty = min(ty, rec.tol_y)
         self.decl_sm[slot], self.decl_bw[slot], self.decl_mem[slot] = dsm, dbw, dmem
         self.recent_sm[slot], self.recent_bw[slot], self.recent_mem[slot] = rsm, rbw, rmem
+        self.eff_sm[slot] = max(self.tel_sm[slot] + rsm, dsm)
+        self.eff_bw[slot] = max(self.tel_bw[slot] + rbw, dbw)
+        self.eff_mem[slot] = max(self.tel_mem[slot] + rmem, dmem)
         self.tol_x[slot], self.tol_y[slot] = tx, ty
         self.npods[slot] = len(pods)
 
     def set_assumed_window(self, seconds: float) -> None:
         """Pods placed less than `seconds` before a unit's latest telemetry count as not yet
-        visible in it. Recomputes every unit (configuration change, not a hot path)."""
-        if seconds < 0:
-            raise ValueError("assumed window must be >= 0")
+        visible in it. Recomputes every unit (a configuration change, not a hot path)."""
+        if not seconds >= 0:
+            raise ValueError(f"assumed window must be >= 0, got {seconds!r}")
         self._window = float(seconds)
         for slot in self._uuid_slot.values():
-            self._recompute_sums(slot)
+            self._recompute(slot)
         self.version += 1
 
     @property
@@ -433,7 +497,7 @@ class ClusterView:
 
     def units_of(self, node: str) -> list[str]:
         n = self._nodes.get(node)
-        return [self.slot_uuid[s] for s in n.slots] if n else []  # type: ignore[misc]
+        return list(n.uuids) if n else []
 
     def unit(self, uuid: str) -> InventoryUnit | None:
         slot = self._uuid_slot.get(uuid)
@@ -443,7 +507,7 @@ class ClusterView:
         slot = self._uuid_slot.get(uuid)
         if slot is None:
             return None
-        node = self._node_by_id[int(self.node_id[slot])]
+        node = self._node_by_id[int(self.row_node[slot[1]])]
         return node.name if node else None
 
     def unit_type(self, uuid: str) -> UnitType | None:
@@ -451,10 +515,7 @@ class ClusterView:
         return None if slot is None else self.types[int(self.type_id[slot])]
 
     def pods_on(self, uuid: str) -> list[PodRecord]:
-        slot = self._uuid_slot.get(uuid)
-        if slot is None:
-            return []
-        return list((self._unit_pods.get(slot) or {}).values())
+        return list((self._unit_pods.get(uuid) or {}).values())
 
     def unit_of(self, pod_key: str) -> str | None:
         rec = self._pods.get(pod_key) or self._pending.get(pod_key)
@@ -471,59 +532,32 @@ class ClusterView:
     def unit_count(self) -> int:
         return len(self._uuid_slot)
 
-    def slot_of(self, uuid: str) -> int | None:
+    def slot_of(self, uuid: str) -> Slot | None:
         return self._uuid_slot.get(uuid)
 
-    def node_slots(self, name: str) -> list[int]:
+    def node_rows(self, name: str) -> list[int]:
         n = self._nodes.get(name)
-        return list(n.slots) if n else []
+        return list(n.rows) if n else []
 
     def node_id_of(self, name: str) -> int | None:
         n = self._nodes.get(name)
         return n.node_id if n else None
 
     def node_name_by_id(self, nid: int) -> str:
-        node = self._node_by_id[nid]
+        node = self._node_by_id[nid] if 0 <= nid < len(self._node_by_id) else None
         return node.name if node else ""
 
-    @property
-    def n_node_ids(self) -> int:
-        return len(self._node_by_id)
+    def primary_row(self, name: str) -> int | None:
+        n = self._nodes.get(name)
+        return n.rows[0] if n and n.rows else None
 
     @property
-    def n_slots(self) -> int:
-        return self._n
+    def n_rows(self) -> int:
+        return self._rows
 
-    def order(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(perm, starts, group_node_ids, group_of_pos): active slots sorted by node, each
-        node's units contiguous in inventory order, for per-node reductions. Rebuilt only
-        when units are added or removed."""
-        if self._order_dirty or self._order is None:
-            slots: list[int] = []
-            starts: list[int] = []
-            gids: list[int] = []
-            for node in self._node_by_id:
-                if node is None or not node.slots:
-                    continue
-                starts.append(len(slots))
-                gids.append(node.node_id)
-                slots.extend(node.slots)
-            perm = np.asarray(slots, dtype=np.intp)
-            st = np.asarray(starts, dtype=np.intp)
-            counts = np.diff(np.append(st, len(perm)))
-            group_of_pos = np.repeat(np.arange(len(st), dtype=np.intp), counts)
-            self._order = (perm, st, np.asarray(gids, dtype=np.intp), group_of_pos)
-            gon = np.full(len(self._node_by_id), -1, dtype=np.intp)
-            gon[np.asarray(gids, dtype=np.intp)] = np.arange(len(gids), dtype=np.intp)
-            self._group_of_node = gon
-            self._order_dirty = False
-            self._order_version += 1
-        return self._order
-
-    def group_of_node(self) -> np.ndarray:
-        """node id -> group index in order() (-1: node without units)."""
-        self.order()
-        return self._group_of_node
+    @property
+    def multi_row_nodes(self) -> dict[int, list[int]]:
+        return self._multi_row
 
     def has_slo_pods(self) -> bool:
         """Whether any placed pod carries an SLO (else the neighbour check is skipped)."""
@@ -531,39 +565,35 @@ class ClusterView:
 
     # -- load ------------------------------------------------------------------------------
     def load_arrays(self, now: float, stale_after_s: float) -> tuple[np.ndarray, ...]:
-        """Effective load of every slot (DESIGN.md "Units, demand, load"):
-        fresh telemetry + recently-placed declared demand, never below the declared sum;
-        stale (or no) telemetry -> declared sum only. Returns (sm, bw, mem_bytes, stale)."""
-        n = self._n
-        tel_t = self.tel_t[:n]
-        fresh = tel_t >= (now - stale_after_s)
-        lsm = np.where(
-            fresh,
-            np.maximum(self.tel_sm[:n] + self.recent_sm[:n], self.decl_sm[:n]),
-            self.decl_sm[:n],
-        )
-        lbw = np.where(
-            fresh,
-            np.maximum(self.tel_bw[:n] + self.recent_bw[:n], self.decl_bw[:n]),
-            self.decl_bw[:n],
-        )
-        lmem = np.where(
-            fresh,
-            np.maximum(self.tel_mem[:n] + self.recent_mem[:n], self.decl_mem[:n]),
-            self.decl_mem[:n],
-        )
-        return lsm, lbw, lmem, ~fresh
+        """Effective load of every slot, shape (K, rows) (DESIGN.md "Units, demand, load"):
+        fresh telemetry + recently-placed declared demand, never below the declared sum; stale
+        (or no) telemetry -> declared sum only. Returns (sm, bw, mem_bytes, stale). The arrays
+        may be the view's own or scratch buffers: read, don't keep."""
+        r = self._rows
+        stale = self.tel_t[:, :r] < (now - stale_after_s)
+        lsm, lbw, lmem = self.eff_sm[:, :r], self.eff_bw[:, :r], self.eff_mem[:, :r]
+        if stale.any():
+            out = []
+            for name, eff, decl in (
+                ("l_sm", lsm, self.decl_sm),
+                ("l_bw", lbw, self.decl_bw),
+                ("l_mem", lmem, self.decl_mem),
+            ):
+                buf = self.scratch(name)
+                np.copyto(buf, eff)
+                np.copyto(buf, decl[:, :r], where=stale)
+                out.append(buf)
+            lsm, lbw, lmem = out
+        return lsm, lbw, lmem, stale
 
     def unit_load(self, uuid: str, now: float, stale_after_s: float) -> dict[str, Any]:
         """One unit's effective load and where it came from (for explanations)."""
         slot = self._uuid_slot.get(uuid)
         if slot is None:
             raise UnknownUnitError(f"unknown unit {uuid!r}")
-        fresh = self.tel_t[slot] >= now - stale_after_s
+        fresh = bool(self.tel_t[slot] >= now - stale_after_s)
         if fresh:
-            sm = max(self.tel_sm[slot] + self.recent_sm[slot], self.decl_sm[slot])
-            bw = max(self.tel_bw[slot] + self.recent_bw[slot], self.decl_bw[slot])
-            mem = max(self.tel_mem[slot] + self.recent_mem[slot], self.decl_mem[slot])
+            sm, bw, mem = self.eff_sm[slot], self.eff_bw[slot], self.eff_mem[slot]
         else:
             sm, bw, mem = self.decl_sm[slot], self.decl_bw[slot], self.decl_mem[slot]
         age = now - self.tel_t[slot]
@@ -573,7 +603,7 @@ class ClusterView:
             "mem_bytes": int(mem),
             "mem_capacity_bytes": int(self.mem_cap[slot]),
             "stale": not fresh,
-            "telemetry_age_s": None if not math.isfinite(age) else round(float(age), 3),
+            "telemetry_age_s": round(float(age), 3) if math.isfinite(age) else None,
             "compute_source": "tensor" if self.tel_tensor[slot] else "sm_active",
             "declared": {
                 "sm": round(float(self.decl_sm[slot]), 4),
@@ -590,27 +620,26 @@ class ClusterView:
         }
 
     def to_dict(self, now: float | None = None, stale_after_s: float = 15.0) -> dict[str, Any]:
-        """JSON-able dump for /debug/state."""
+        """JSON-able dump for /debug/state (with effective loads when `now` is given)."""
         nodes: dict[str, Any] = {}
         for name, node in self._nodes.items():
             units = []
-            for slot in node.slots:
-                uuid = self.slot_uuid[slot]
+            for uuid in node.uuids:
+                slot = self._uuid_slot[uuid]
                 u = self.slot_unit[slot]
                 entry: dict[str, Any] = {
                     "uuid": uuid,
                     "type": str(self.types[int(self.type_id[slot])]),
                     "index": int(self.index[slot]),
-                    "parent": u.parent if u else None,
-                    "pods": sorted(self._unit_pods.get(slot, {})),
+                    "parent": u.parent,
+                    "pods": sorted(self._unit_pods.get(uuid, {})),
                 }
                 if now is not None:
-                    entry["load"] = self.unit_load(uuid, now, stale_after_s)  # type: ignore[arg-type]
+                    entry["load"] = self.unit_load(uuid, now, stale_after_s)
                 else:
+                    t = float(self.tel_t[slot])
                     entry["healthy"] = bool(self.healthy[slot])
-                    entry["telemetry_t"] = (
-                        None if not math.isfinite(self.tel_t[slot]) else float(self.tel_t[slot])
-                    )
+                    entry["telemetry_t"] = t if math.isfinite(t) else None
                 units.append(entry)
             nodes[name] = {"mps": node.mps, "labels": node.labels, "units": units}
         return {
@@ -625,7 +654,7 @@ class ClusterView:
         return iter(list(self._pods.values()))
 
 
-def _ratio(x: float) -> float:
+def _ratio(x: float | None) -> float:
     """Telemetry ratios are 0..1 (DESIGN: never percent); NaN (GPM hiccup) counts as 0."""
     if x is None or not math.isfinite(x):
         return 0.0

@@ -1,10 +1,11 @@
 """decide(): score one pod against candidate nodes; choose_unit(): re-decide on one node at bind.
 
-All units are scored in a handful of numpy passes: the demand model is asked once per unit
-*type* (a cluster has a few: H100, H100 3g.40gb, ...), the per-type demand is broadcast over the
-units, feasibility gives one reason code per unit, the policy gives one score per unit, and
-per-node maxima come from `reduceat` over the view's node-contiguous order. Dicts for the
-extender (scores, failed nodes) are built lazily, on first access."""
+Every unit is scored in a fixed number of numpy passes over the view's (K, rows) arrays: the
+demand model is asked once per unit *type* (a cluster has a handful: H100, H100 3g.40gb, ...)
+and the per-type demand is broadcast to the units with one `take`; feasibility is a boolean
+mask; the policy gives one score per unit; per-node maxima are element-wise maxima across the
+K unit columns. Temporaries live in the view's scratch buffers. What only an explanation or a
+filter answer needs (reason codes, the dicts) is built lazily, on first access."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from policies.share import sm_share, sm_share_fraction
 _EPS = 1e-9
 _SQRT3 = math.sqrt(3.0)
 _UNKNOWN = -1
-_EMPTY = -2
 
 
 class DemandModelLike(Protocol):
@@ -41,7 +41,7 @@ class DemandModelLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where a pod goes: the unit, what it declared there and its MPS share (percent)."""
+    """Where a pod goes: the unit, what it declares there and its MPS share (percent)."""
 
     node: str
     unit: str
@@ -60,7 +60,9 @@ class Rejection:
 
 
 @dataclass
-class _TypeTable:
+class TypeTable:
+    """The pod's demand and predicted timing on each unit type of the view."""
+
     sm: np.ndarray
     bw: np.ndarray
     mem: np.ndarray
@@ -76,26 +78,19 @@ class _TypeTable:
     timings: list[Timing | None]
 
 
-def _type_table(
+def type_table(
     types: list[UnitType], request: PodRequest, dm: DemandModelLike, config: PolicyConfig
-) -> _TypeTable:
+) -> TypeTable:
+    """Ask the demand model once per unit type; mark types the pod can never use."""
     k = len(types)
-    z = lambda: np.zeros(k, dtype=np.float64)  # noqa: E731
-    tab = _TypeTable(
-        z(),
-        z(),
-        z(),
-        np.zeros(k, dtype=bool),
-        [""] * k,
-        z(),
-        z(),
-        z(),
-        z(),
-        z(),
-        z(),
-        [None] * k,
-        [None] * k,
-    )
+
+    def z() -> np.ndarray:
+        return np.zeros(k, dtype=np.float64)
+
+    tab = TypeTable(
+        z(), z(), z(), np.zeros(k, dtype=bool), [""] * k, z(), z(), z(), z(), z(), z(),
+        [None] * k, [None] * k,
+    )  # fmt: skip
     bound = 1.0 + config.overcommit + _EPS
     for i, t in enumerate(types):
         try:
@@ -108,169 +103,179 @@ def _type_table(
         tab.sm[i], tab.bw[i], tab.mem[i] = d.sm, d.bw, float(d.mem_bytes)
         if config.policy != "binpack" and (d.sm > bound or d.bw > bound):
             tab.bad[i] = True
-            over = "SMs" if d.sm > bound else "bandwidth"
-            tab.why[i] = f"needs {max(d.sm, d.bw):.2f}x the unit's {over}"
-        if tm is not None:
-            tab.ttft[i], tab.tpot[i] = tm.ttft_s, tm.tpot_s
-            tab.a_p[i], tab.a_d[i], tab.mf_p[i], tab.mf_d[i] = (
-                tm.a_prefill,
-                tm.a_decode,
-                tm.mem_frac_prefill,
-                tm.mem_frac_decode,
+            what = "SMs" if d.sm >= d.bw else "bandwidth"
+            tab.why[i] = f"needs {max(d.sm, d.bw):.2f}x the unit's {what}"
+        if tm is None:
+            continue
+        tab.ttft[i], tab.tpot[i] = tm.ttft_s, tm.tpot_s
+        tab.a_p[i], tab.a_d[i] = tm.a_prefill, tm.a_decode
+        tab.mf_p[i], tab.mf_d[i] = tm.mem_frac_prefill, tm.mem_frac_decode
+        slo = request.slo
+        if not config.slo_check or config.policy == "binpack" or tab.bad[i]:
+            continue
+        if slo.ttft_s is not None and request.role != "decode" and tm.ttft_s > slo.ttft_s:
+            tab.bad[i] = True
+            tab.why[i] = (
+                f"predicted TTFT {tm.ttft_s * 1e3:.0f} ms alone > SLO {slo.ttft_s * 1e3:.0f} ms"
             )
-            slo = request.slo
-            if config.slo_check and not tab.bad[i]:
-                if slo.ttft_s is not None and request.role != "decode" and tm.ttft_s > slo.ttft_s:
-                    tab.bad[i] = True
-                    tab.why[i] = (
-                        f"predicted TTFT {tm.ttft_s * 1e3:.0f} ms alone"
-                        f" > SLO {slo.ttft_s * 1e3:.0f} ms"
-                    )
-                elif (
-                    slo.tpot_s is not None and request.role != "prefill" and tm.tpot_s > slo.tpot_s
-                ):
-                    tab.bad[i] = True
-                    tab.why[i] = (
-                        f"predicted TPOT {tm.tpot_s * 1e3:.1f} ms alone"
-                        f" > SLO {slo.tpot_s * 1e3:.1f} ms"
-                    )
+        elif slo.tpot_s is not None and request.role != "prefill" and tm.tpot_s > slo.tpot_s:
+            tab.bad[i] = True
+            tab.why[i] = (
+                f"predicted TPOT {tm.tpot_s * 1e3:.1f} ms alone > SLO {slo.tpot_s * 1e3:.1f} ms"
+            )
     return tab
 
 
 class Decision:
-    """The answer for one pod over a set of candidate nodes (see module docstring).
+    """The answer for one pod over a set of candidate nodes.
 
-    Attributes are computed on first access: feasible_nodes, failed_nodes, scores, best_unit,
-    stale_nodes; `chosen` and `explain()` too."""
+    `chosen`, `feasible_nodes`, `failed_nodes`, `scores`, `best_unit`, `stale_nodes` are
+    computed on first access from what decide() kept; `explain()` also reads the view's current
+    per-unit loads, so call it before changing the view if the two must agree exactly."""
 
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
 
-    # eager: request, policy, now, chosen_group, candidates (list[str]), cand_group (ndarray),
-    # node_best, node_score, best_slot, and the per-sorted-position arrays for explanations
-
     @cached_property
     def chosen(self) -> tuple[str, str] | None:
-        g = self.chosen_group
-        if g < 0:
+        row = self.chosen_row
+        if row < 0:
             return None
-        return self.view.node_name_by_id(int(self.gnode[g])), self.view.slot_uuid[
-            int(self.best_slot[g])
-        ]
+        nid = int(self.view.row_node[row])
+        slot = (int(self.best_j[row]), int(self.best_row[row]))
+        return self.view.node_name_by_id(nid), self.view.slot_uuid[slot]
 
     @cached_property
     def _feasible_mask(self) -> np.ndarray:
-        cg = self.cand_group
-        ok = np.zeros(len(cg), dtype=bool)
-        known = cg >= 0
-        ok[known] = np.isfinite(self.node_best[cg[known]])
+        cr = self.cand_row
+        ok = np.zeros(len(cr), dtype=bool)
+        if self.refusal:
+            return ok
+        known = cr >= 0
+        ok[known] = np.isfinite(self.node_best[cr[known]])
         return ok
 
     @cached_property
     def feasible_nodes(self) -> list[str]:
-        return [
-            n for n, ok in zip(self.candidates, self._feasible_mask.tolist(), strict=True) if ok
-        ]
+        mask = self._feasible_mask.tolist()
+        return [n for n, ok in zip(self.candidates, mask, strict=True) if ok]
 
     @cached_property
     def scores(self) -> dict[str, int]:
-        mask = self._feasible_mask
+        idx = np.flatnonzero(self._feasible_mask)
+        vals = self.node_score[self.cand_row[idx]].tolist()
         names = self.candidates
-        idx = np.flatnonzero(mask)
-        vals = self.node_score[self.cand_group[idx]].tolist()
         return {names[i]: v for i, v in zip(idx.tolist(), vals, strict=True)}
 
     @cached_property
     def best_unit(self) -> dict[str, str]:
         idx = np.flatnonzero(self._feasible_mask)
-        slots = self.best_slot[self.cand_group[idx]].tolist()
+        rows = self.cand_row[idx]
+        js = self.best_j[rows].tolist()
+        brs = self.best_row[rows].tolist()
         uu = self.view.slot_uuid
         names = self.candidates
-        return {names[i]: uu[s] for i, s in zip(idx.tolist(), slots, strict=True)}
+        return {names[i]: uu[(j, r)] for i, j, r in zip(idx.tolist(), js, brs, strict=True)}
 
     @cached_property
-    def _reason_counts(self) -> np.ndarray:
-        g = len(self.starts)
-        flat = self.gpos.astype(np.int64) * fz.N_REASONS + self.code_s
-        return np.bincount(flat, minlength=g * fz.N_REASONS).reshape(g, fz.N_REASONS)
+    def reason_codes(self) -> np.ndarray:
+        """Per-unit reason code, shape (K, rows); 0 = feasible or no unit in that slot."""
+        m = self.masks
+        code = fz.reason_codes(
+            m["healthy"], m["type_bad"], m["exclusive"], m["pods_full"], m["mem_over"],
+            m["sm_over"], m["bw_over"], m["slo_bad"],
+        )  # fmt: skip
+        code[~m["active"]] = fz.OK
+        return code
 
-    def _type_reasons(self, group: int) -> str:
-        lo = int(self.starts[group])
-        hi = int(self.starts[group + 1]) if group + 1 < len(self.starts) else len(self.code_s)
-        tids = set(self.view.type_id[self.perm[lo:hi]][self.code_s[lo:hi] == fz.UNIT_TYPE].tolist())
+    @cached_property
+    def _row_reason_counts(self) -> np.ndarray:
+        """(rows, N_REASONS) counts, multi-row nodes folded into their first row."""
+        code = self.reason_codes
+        counts = np.stack([(code == c).sum(axis=0) for c in range(fz.N_REASONS)], axis=1)
+        for rows in self.view.multi_row_nodes.values():
+            counts[rows[0]] = counts[rows].sum(axis=0)
+        return counts
+
+    def _type_reasons(self, row: int) -> str:
+        rows = self.view.multi_row_nodes.get(int(self.view.row_node[row]), [row])
+        tids: set[int] = set()
+        for r in rows:
+            hit = self.reason_codes[:, r] == fz.UNIT_TYPE
+            tids.update(self.view.type_id[hit, r].tolist())
         return "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in sorted(tids))
 
     @cached_property
     def failed_nodes(self) -> dict[str, str]:
-        out: dict[str, str] = {}
         if self.refusal:
-            return {n: self.refusal for n in self.candidates}
-        mask = self._feasible_mask
+            return dict.fromkeys(self.candidates, self.refusal)
+        out: dict[str, str] = {}
+        bad = np.flatnonzero(~self._feasible_mask).tolist()
+        if not bad:
+            return out
         counts = None
-        for i in np.flatnonzero(~mask).tolist():
+        memo: dict[tuple[int, ...], str] = {}
+        for i in bad:
             name = self.candidates[i]
-            g = int(self.cand_group[i])
-            if g == _UNKNOWN:
+            row = int(self.cand_row[i])
+            if row == _UNKNOWN:
                 out[name] = "unknown node: no copack inventory seen for it"
-            elif g == _EMPTY:
-                out[name] = "node has no GPU units"
-            else:
-                if counts is None:
-                    counts = self._reason_counts
-                msg = fz.summarize(counts[g])
-                if counts[g, fz.UNIT_TYPE]:
-                    msg += f" ({self._type_reasons(g)})"
-                out[name] = msg
+                continue
+            if counts is None:
+                counts = self._row_reason_counts
+            key = tuple(counts[row].tolist())
+            msg = memo.get(key)
+            if msg is None:
+                msg = memo[key] = fz.summarize(counts[row])
+            if key[fz.UNIT_TYPE]:
+                msg = f"{msg} ({self._type_reasons(row)})"
+            out[name] = msg
         return out
 
     @cached_property
     def stale_nodes(self) -> list[str]:
-        """Candidate nodes with at least one unit whose telemetry is stale (declared only)."""
-        g = len(self.starts)
-        stale_g = (
-            np.add.reduceat(self.stale_s.astype(np.int32), self.starts) > 0
-            if g
-            else np.zeros(0, bool)
-        )
+        """Candidate nodes with a unit whose telemetry is stale (declared demand used)."""
+        stale_rows = (self.stale & self.masks["active"]).any(axis=0)
+        for rows in self.view.multi_row_nodes.values():
+            stale_rows[rows[0]] = stale_rows[rows].any()
         out = []
-        for name, cg in zip(self.candidates, self.cand_group.tolist(), strict=True):
-            if cg >= 0 and stale_g[cg]:
+        for name, row in zip(self.candidates, self.cand_row.tolist(), strict=True):
+            if row >= 0 and stale_rows[row]:
                 out.append(name)
         return out
 
     def placement(self, node: str | None = None) -> Placement | None:
-        """The Placement for the chosen node (or the best unit on `node`)."""
+        """The Placement on the chosen node, or the best unit of `node`."""
         if self.refusal:
             return None
         if node is None:
             if self.chosen is None:
                 return None
             node = self.chosen[0]
-        nid = self.view.node_id_of(node)
-        if nid is None:
+        row = self.view.primary_row(node)
+        if row is None or row >= len(self.node_best) or not math.isfinite(self.node_best[row]):
             return None
-        g = int(self.group_of_node[nid]) if nid < len(self.group_of_node) else -1
-        if g < 0 or not math.isfinite(self.node_best[g]):
-            return None
-        slot = int(self.best_slot[g])
+        slot = (int(self.best_j[row]), int(self.best_row[row]))
+        uuid = self.view.slot_uuid[slot]
         tid = int(self.view.type_id[slot])
         d = self.table.demands[tid]
         assert d is not None
-        lsm = float(self.lsm[slot])
-        share = sm_share(self.request.role, d.sm, lsm, self.config)
-        return Placement(
-            node,
-            self.view.slot_uuid[slot],
-            d,
-            share,
-            self.table.timings[tid],
-            int(self.node_score[g]),
-        )
+        share = sm_share(self.request.role, d.sm, float(self.slot_load_sm(slot)), self.config)
+        score = int(self.node_score[row])
+        return Placement(node, uuid, d, share, self.table.timings[tid], score)
+
+    def slot_load_sm(self, slot: tuple[int, int]) -> float:
+        return float(self.chosen_load[0]) if slot == self.chosen_slot else self._load_now(slot)[0]
+
+    def _load_now(self, slot: tuple[int, int]) -> tuple[float, float, float]:
+        uuid = self.view.slot_uuid[slot]
+        ld = self.view.unit_load(uuid, self.now, self.config.stale_after_s)
+        return ld["sm"], ld["bw"], ld["mem_bytes"]
 
     def explain(self, limit: int = 200) -> dict[str, Any]:
-        """JSON-able account: the pod, its demand per unit type, the chosen unit with load and
-        demand vectors, every candidate node's score or reason, and up to `limit` rejected
-        units with their reason."""
+        """JSON-able account: the pod, its demand per unit type, the chosen unit with its load,
+        demand and residual headroom, every candidate node's score or reason, and up to `limit`
+        rejected units with their reason and load."""
         req = self.request
         out: dict[str, Any] = {
             "pod": req.key,
@@ -284,10 +289,12 @@ class Decision:
         if self.refusal:
             out["refused"] = self.refusal
             return out
-        types_used = sorted(set(self.view.type_id[self.perm].tolist())) if len(self.perm) else []
-        demand_by_type = {}
+        view = self.view
+        active = self.masks["active"]
+        types_used = sorted(set(view.type_id[:, : self.rows][active].tolist()))
+        demand_by_type: dict[str, Any] = {}
         for t in types_used:
-            ut = self.view.types[t]
+            ut = view.types[t]
             try:
                 info = self.demand_model.explain(req, ut)
             except (KeyError, ValueError) as e:
@@ -299,33 +306,30 @@ class Decision:
         if self.chosen is not None:
             node, uuid = self.chosen
             p = self.placement(node)
-            slot = self.view.slot_of(uuid)
-            assert p is not None and slot is not None
-            load = self.view.unit_load(uuid, self.now, self.config.stale_after_s)
+            assert p is not None
+            load = view.unit_load(uuid, self.now, self.config.stale_after_s)
             d = p.demand
-            mem_cap = float(self.view.mem_cap[slot])
+            cap = float(load["mem_capacity_bytes"])
             after = {
                 "sm": round(load["sm"] + d.sm, 4),
                 "bw": round(load["bw"] + d.bw, 4),
-                "mem": round((load["mem_bytes"] + d.mem_bytes) / mem_cap, 4),
+                "mem": round((load["mem_bytes"] + d.mem_bytes) / cap, 4),
             }
             out["chosen"] = {
                 "node": node,
                 "unit": uuid,
-                "unit_type": str(self.view.unit_type(uuid)),
+                "unit_type": str(view.unit_type(uuid)),
                 "score": p.score,
-                "unit_score": round(float(self.node_best[self.chosen_group]), 6),
+                "unit_score": round(float(self.unit_score_of_row(self.chosen_row)), 6),
                 "load": load,
                 "demand": d.as_dict(),
                 "after": after,
                 "residual_headroom": {k: round(1 - v, 4) for k, v in after.items()},
                 "sm_share": p.sm_share,
-                "pods_there": [r.key for r in self.view.pods_on(uuid)],
+                "pods_there": [r.key for r in view.pods_on(uuid)],
             }
         nodes: dict[str, Any] = {}
-        failed = self.failed_nodes
-        scores = self.scores
-        best = self.best_unit
+        failed, scores, best = self.failed_nodes, self.scores, self.best_unit
         stale = set(self.stale_nodes)
         for name in self.candidates:
             if name in scores:
@@ -335,65 +339,78 @@ class Decision:
             if name in stale:
                 nodes[name]["stale_telemetry"] = True
         out["nodes"] = nodes
+        code = self.reason_codes
+        cand_rows = np.zeros(self.rows, dtype=bool)
+        for row in self.cand_row[self.cand_row >= 0].tolist():
+            for r in view.multi_row_nodes.get(int(view.row_node[row]), [row]):
+                cand_rows[r] = True
+        rej = (code != fz.OK) & cand_rows[None, :]
         rejected = []
-        cand_pos = self.cand_s & (self.code_s != fz.OK)
-        for pos in np.flatnonzero(cand_pos)[:limit].tolist():
-            slot = int(self.perm[pos])
-            code = int(self.code_s[pos])
-            why = fz.REASONS[code]
-            if code == fz.UNIT_TYPE:
-                why += ": " + self.table.why[int(self.view.type_id[slot])]
+        js, rs = np.nonzero(rej)
+        for j, r in list(zip(js.tolist(), rs.tolist(), strict=True))[:limit]:
+            slot = (j, r)
+            c = int(code[slot])
+            why = fz.REASONS[c]
+            if c == fz.UNIT_TYPE:
+                why += ": " + self.table.why[int(view.type_id[slot])]
+            uuid = view.slot_uuid[slot]
             rejected.append(
                 {
-                    "node": self.view.node_name_by_id(int(self.view.node_id[slot])),
-                    "unit": self.view.slot_uuid[slot],
+                    "node": view.node_name_by_id(int(view.row_node[r])),
+                    "unit": uuid,
                     "reason": why,
-                    "load": {
-                        "sm": round(float(self.lsm[slot]), 4),
-                        "bw": round(float(self.lbw[slot]), 4),
-                        "mem_bytes": int(self.lmem[slot]),
-                    },
-                    "stale": bool(self.stale[slot]),
+                    "load": view.unit_load(uuid, self.now, self.config.stale_after_s),
                 }
             )
         out["rejected_units"] = rejected
-        out["rejected_units_total"] = int(cand_pos.sum())
+        out["rejected_units_total"] = int(rej.sum())
         return out
+
+    def unit_score_of_row(self, row: int) -> float:
+        v = float(self.node_best[row])
+        if self.config.policy == "complementary" and math.isfinite(v):
+            return 1.0 - math.sqrt(max(0.0, -v)) / _SQRT3
+        return v
 
 
 class _CandidateCache:
-    """Resolving 5,000 node names to ids costs more than scoring 40,000 units; kube-scheduler
-    sends the same list again and again, so remember the last few resolutions."""
+    """Resolving 5,000 node names costs as much as scoring 40,000 units, and kube-scheduler
+    sends the same list again and again: remember the last resolution per view."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
+        self.key: tuple[Any, ...] | None = None
         self.value: tuple[np.ndarray, np.ndarray] | None = None
 
 
-_CAND_CACHE: dict[int, _CandidateCache] = {}
-
-
-def _resolve_candidates(
-    view: ClusterView, names: Sequence[str], group_of_node: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(node mask over groups, group per candidate name: >=0, _UNKNOWN or _EMPTY)."""
-    cache = _CAND_CACHE.setdefault(id(view), _CandidateCache())
-    tkey = tuple(names)
-    key = (tkey, view._order_version)
+def _resolve(
+    view: ClusterView, names: Sequence[str] | None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(candidate names, primary row per candidate or _UNKNOWN, row mask of candidates)."""
+    cache: _CandidateCache = view.__dict__.setdefault("_cand_cache", _CandidateCache())
+    tkey = None if names is None else tuple(names)
+    key = (tkey, view.layout_version, view.n_rows)
     if cache.key == key and cache.value is not None:
-        return cache.value
-    ids = [view.node_id_of(n) for n in tkey]
-    cand_group = np.empty(len(ids), dtype=np.intp)
-    for i, nid in enumerate(ids):
-        if nid is None:
-            cand_group[i] = _UNKNOWN
-        else:
-            g = group_of_node[nid] if nid < len(group_of_node) else -1
-            cand_group[i] = g if g >= 0 else _EMPTY
-    mask = np.zeros(len(view.order()[1]), dtype=bool)
-    mask[cand_group[cand_group >= 0]] = True
-    cache.key, cache.value = key, (mask, cand_group)
-    return mask, cand_group
+        cand_row, mask = cache.value
+        cand_names = list(tkey) if tkey is not None else view.node_names
+        return cand_names, cand_row, mask
+    cand_names = list(tkey) if tkey is not None else view.node_names
+    rows = [view.primary_row(n) for n in cand_names]
+    cand_row = np.fromiter((_UNKNOWN if r is None else r for r in rows), np.intp, len(rows))
+    mask = np.zeros(view.n_rows, dtype=bool)
+    mask[cand_row[cand_row >= 0]] = True
+    cache.key, cache.value = key, (cand_row, mask)
+    return cand_names, cand_row, mask
+
+
+def _fold_multi_row(view: ClusterView, best: np.ndarray, best_j: np.ndarray) -> np.ndarray:
+    """Nodes spanning several rows: move the best of their rows into their first row."""
+    best_row = np.arange(len(best), dtype=np.intp)
+    for rows in view.multi_row_nodes.values():
+        vals = best[rows]
+        k = int(np.argmax(vals))  # first max in row order
+        first = rows[0]
+        best[first], best_j[first], best_row[first] = vals[k], best_j[rows[k]], rows[k]
+    return best_row
 
 
 def decide(
@@ -404,25 +421,11 @@ def decide(
     config: PolicyConfig,
     demand_model: DemandModelLike,
 ) -> Decision:
-    """Score `request` on every unit of the candidate nodes (None = every node in the view)."""
+    """Score `request` on every unit of the candidate nodes (None = every node of the view)."""
     if abs(view.assumed_window_s - config.assumed_window_s) > 1e-12:
         view.set_assumed_window(config.assumed_window_s)
-    perm, starts, gnode, gpos = view.order()
-    group_of_node = view.group_of_node()
-    n = view.n_slots
-    n_groups = len(starts)
-    if candidate_nodes is None:
-        cand_g = np.ones(n_groups, dtype=bool)
-        candidates = [view.node_name_by_id(int(x)) for x in gnode.tolist()]
-        cand_group = np.arange(n_groups, dtype=np.intp)
-        empty_nodes = [nm for nm in view.node_names if not view.node_slots(nm)]
-        if empty_nodes:
-            candidates = candidates + empty_nodes
-            cand_group = np.concatenate([cand_group, np.full(len(empty_nodes), _EMPTY, np.intp)])
-    else:
-        candidates = list(candidate_nodes)
-        cand_g, cand_group = _resolve_candidates(view, candidates, group_of_node)
-
+    r = view.n_rows
+    candidates, cand_row, cand_mask = _resolve(view, candidate_nodes)
     refusal = ""
     if request.gpus != 1:
         refusal = (
@@ -431,83 +434,111 @@ def decide(
             else "pod does not request copack.io/gpu"
         )
 
-    table = _type_table(view.types, request, demand_model, config)
-    tid = view.type_id[:n]
-    dsm = table.sm[tid]
-    dbw = table.bw[tid]
-    dmem = table.mem[tid]
+    table = type_table(view.types, request, demand_model, config)
+    tid = view.type_id[:, :r]
+    dsm = np.take(table.sm, tid, out=view.scratch("d_sm"))
+    dbw = np.take(table.bw, tid, out=view.scratch("d_bw"))
+    dmem = np.take(table.mem, tid, out=view.scratch("d_mem"))
     lsm, lbw, lmem, stale = view.load_arrays(now, config.stale_after_s)
-    healthy = view.healthy[:n]
-    npods = view.npods[:n]
-    type_bad = table.bad[tid]
-    mem_over = lmem + dmem > view.mem_cap[:n]
+    active = view.active[:, :r].copy()
+    healthy = view.healthy[:, :r].copy()
+    npods = view.npods[:, :r]
+    mem_cap = view.mem_cap[:, :r]
+
+    y = np.add(lsm, dsm, out=view.scratch("y"))
+    x = np.add(lbw, dbw, out=view.scratch("x"))
+    msum = np.add(lmem, dmem, out=view.scratch("m"))
+    type_bad = np.take(table.bad, tid)
+    mem_over = msum > mem_cap
     pods_full = npods >= config.max_pods_per_unit
-    exclusive_taken = npods > 0 if config.exclusive else None
+    exclusive = npods > 0 if config.exclusive else None
     sm_over = bw_over = slo_bad = None
+    ok = healthy & ~type_bad
+    ok &= ~mem_over
+    ok &= ~pods_full
+    if exclusive is not None:
+        ok &= ~exclusive
     if config.policy != "binpack":
         bound = 1.0 + config.overcommit + _EPS
-        y = lsm + dsm
-        x = lbw + dbw
         sm_over = y > bound
         bw_over = x > bound
+        ok &= ~sm_over
+        ok &= ~bw_over
         if config.slo_check:
-            slo_bad = _slo_violations(view, request, table, tid, dsm, lsm, x, y, config, n)
+            slo_bad = _slo_violations(view, request, table, tid, dsm, lsm, x, y, config)
+            if slo_bad is not None:
+                ok &= ~slo_bad
 
-    code = fz.reason_codes(
-        healthy, type_bad, exclusive_taken, pods_full, mem_over, sm_over, bw_over, slo_bad
-    )
-    code_s = code[perm]
-    cand_s = cand_g[gpos] if n_groups else np.zeros(0, dtype=bool)
-    feas_s = (code_s == fz.OK) & cand_s
-
-    counts = np.diff(np.append(starts, len(perm))).astype(np.float64)
+    score = view.scratch("score")
+    tmp = view.scratch("tmp")
     policy = config.policy
+    node_val = None
     if policy == "complementary":
-        mem_cap = view.mem_cap[:n]
-        r1 = 1.0 - (lsm + dsm)
-        r2 = 1.0 - (lbw + dbw)
-        r3 = 1.0 - (lmem + dmem) / mem_cap
-        unit_score = 1.0 - np.sqrt(r1 * r1 + r2 * r2 + r3 * r3) / _SQRT3
-        score_s = unit_score[perm]
-        node_val = None
-    elif policy == "binpack":
-        unit_score = (lmem + dmem) / view.mem_cap[:n]
-        score_s = unit_score[perm]
-        node_val = None
-    else:
-        free_s = (npods == 0)[perm] & (healthy[perm])
-        free_count = np.add.reduceat(free_s.astype(np.float64), starts) if n_groups else np.zeros(0)
-        if policy == "spread":  # kube LeastAllocated over the node's units
-            node_val = (free_count - 1.0) / counts
-        else:  # dedicated: MostAllocated, fill nodes one unit per pod
-            node_val = (counts - free_count + 1.0) / counts
-        score_s = node_val[gpos]
+        # -(squared L2 norm of residual headroom); sqrt only per node, later.
+        np.subtract(1.0, y, out=score)
+        np.multiply(score, score, out=score)
+        np.subtract(1.0, x, out=tmp)
+        np.multiply(tmp, tmp, out=tmp)
+        score += tmp
+        np.divide(msum, mem_cap, out=tmp)
+        np.subtract(1.0, tmp, out=tmp)
+        np.multiply(tmp, tmp, out=tmp)
+        score += tmp
+        np.negative(score, out=score)
+    elif policy == "binpack":  # HAMi/gpushare binpack: fullest memory first
+        np.divide(msum, mem_cap, out=score)
+    else:  # spread / dedicated: every free unit of a node is as good as another
+        score.fill(0.0)
+        free = (npods == 0) & active & healthy
+        free_count = free.sum(axis=0).astype(np.float64)
+        total = active.sum(axis=0).astype(np.float64)
+        for rows in view.multi_row_nodes.values():
+            free_count[rows[0]] = free_count[rows].sum()
+            total[rows[0]] = total[rows].sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if policy == "spread":  # kube LeastAllocated over the node's units
+                node_val = (free_count - 1.0) / total
+            else:  # dedicated: MostAllocated, one unit per pod, fill nodes first
+                node_val = (total - free_count + 1.0) / total
+    np.copyto(score, -np.inf, where=~ok)
 
-    sc = np.where(feas_s, score_s, -np.inf)
-    if n_groups:
-        node_best = np.maximum.reduceat(sc, starts)
-        pos = np.arange(len(sc))
-        hit = np.where((sc == node_best[gpos]) & feas_s, pos, len(sc))
-        best_pos = np.minimum.reduceat(hit, starts)
-        best_slot = perm[np.minimum(best_pos, len(perm) - 1)]
-    else:
-        node_best = np.zeros(0)
-        best_slot = np.zeros(0, dtype=np.intp)
+    row_best = score.max(axis=0) if r else np.zeros(0)
+    best_j = np.zeros(r, dtype=np.intp)
+    fin = np.isfinite(row_best)
+    for j in range(view.K - 1, -1, -1):  # first unit column reaching the row's best
+        best_j[(score[j] == row_best) & fin] = j
+    best_row = _fold_multi_row(view, row_best, best_j)
+    node_best = row_best
+    if node_val is not None:
+        node_best = np.where(np.isfinite(row_best), node_val, -np.inf)
     if refusal:
-        node_best = np.full(n_groups, -np.inf)
-    finite = np.isfinite(node_best)
-    node_score = np.zeros(n_groups, dtype=np.int64)
-    node_score[finite] = np.clip(np.rint(10.0 * node_best[finite]), 0, 10).astype(np.int64)
+        node_best = np.full(r, -np.inf)
+    node_best[~view.row_primary[:r]] = -np.inf  # only a node's first row speaks for it
 
-    chosen_group = -1
-    ok_groups = np.flatnonzero(finite & cand_g) if n_groups else np.zeros(0, dtype=np.intp)
-    if len(ok_groups):
-        vals = node_best[ok_groups]
-        top = ok_groups[vals >= vals.max() - 1e-12]
+    fin = np.isfinite(node_best)
+    node_score = np.zeros(r, dtype=np.int64)
+    if policy == "complementary":
+        unit_score = 1.0 - np.sqrt(np.maximum(0.0, -node_best[fin])) / _SQRT3
+    else:
+        unit_score = node_best[fin]
+    node_score[fin] = np.clip(np.rint(10.0 * unit_score), 0, 10).astype(np.int64)
+
+    chosen_row = -1
+    ok_rows = np.flatnonzero(fin & cand_mask)
+    if len(ok_rows):
+        vals = node_best[ok_rows]
+        top = ok_rows[vals >= vals.max() - 1e-12]
         if len(top) == 1:
-            chosen_group = int(top[0])
-        else:  # tie: the lexicographically smallest node name, whatever the candidate order
-            chosen_group = int(min(top.tolist(), key=lambda g: view.node_name_by_id(int(gnode[g]))))
+            chosen_row = int(top[0])
+        else:  # tie: the smallest node name, whatever the candidates' order
+            chosen_row = min(
+                top.tolist(), key=lambda row: view.node_name_by_id(int(view.row_node[row]))
+            )
+    chosen_slot = (-1, -1)
+    chosen_load = (0.0, 0.0, 0.0)
+    if chosen_row >= 0:
+        chosen_slot = (int(best_j[chosen_row]), int(best_row[chosen_row]))
+        chosen_load = (float(lsm[chosen_slot]), float(lbw[chosen_slot]), float(lmem[chosen_slot]))
 
     return Decision(
         view=view,
@@ -516,63 +547,67 @@ def decide(
         demand_model=demand_model,
         now=now,
         refusal=refusal,
+        rows=r,
         candidates=candidates,
-        cand_group=cand_group,
-        perm=perm,
-        starts=starts,
-        gnode=gnode,
-        gpos=gpos,
-        group_of_node=group_of_node,
-        code_s=code_s,
-        cand_s=cand_s,
-        stale_s=stale[perm] & cand_s,
+        cand_row=cand_row,
+        table=table,
+        masks={
+            "active": active,
+            "healthy": healthy,
+            "type_bad": type_bad,
+            "exclusive": exclusive,
+            "pods_full": pods_full,
+            "mem_over": mem_over,
+            "sm_over": sm_over,
+            "bw_over": bw_over,
+            "slo_bad": slo_bad,
+        },
         stale=stale,
         node_best=node_best,
         node_score=node_score,
-        best_slot=best_slot,
-        chosen_group=chosen_group,
-        table=table,
-        lsm=lsm,
-        lbw=lbw,
-        lmem=lmem,
+        best_j=best_j,
+        best_row=best_row,
+        chosen_row=chosen_row,
+        chosen_slot=chosen_slot,
+        chosen_load=chosen_load,
     )
 
 
 def _slo_violations(
     view: ClusterView,
     request: PodRequest,
-    table: _TypeTable,
+    table: TypeTable,
     tid: np.ndarray,
     dsm: np.ndarray,
     lsm: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
     config: PolicyConfig,
-    n: int,
 ) -> np.ndarray | None:
     """Units where the pod's predicted slowdown breaks its SLO, or where the contention it adds
-    exceeds the tolerance of an SLO-carrying pod already there (see cluster_view._tolerance)."""
+    exceeds the tolerance of an SLO-carrying pod already there (cluster_view._tolerance)."""
+    r = view.n_rows
     bad = None
     ex = np.maximum(0.0, x - 1.0)
     ey = np.maximum(0.0, y - 1.0)
     if view.has_slo_pods():
-        tol_x = view.tol_x[:n]
-        tol_y = view.tol_y[:n]
         with np.errstate(divide="ignore", invalid="ignore"):
-            ux = np.where(ex > 0, ex / tol_x, 0.0)
-            uy = np.where(ey > 0, ey / tol_y, 0.0)
+            ux = np.where(ex > 0, ex / view.tol_x[:, :r], 0.0)
+            uy = np.where(ey > 0, ey / view.tol_y[:, :r], 0.0)
         bad = ux + uy > 1.0 + 1e-9
     slo = request.slo
     if slo.empty:
         return bad
     share = sm_share_fraction(request.role, dsm, lsm, config)
-    own = np.zeros(n, dtype=bool)
+    own = np.zeros(tid.shape, dtype=bool)
     if slo.ttft_s is not None and request.role != "decode":
         f = slowdown_factor(table.a_p[tid], table.mf_p[tid], share, x, y)
-        own |= (table.ttft[tid] * f > slo.ttft_s * (1 + 1e-9)) & (table.ttft[tid] > 0)
+        base = table.ttft[tid]
+        own |= (base * f > slo.ttft_s * (1 + 1e-9)) & (base > 0)
     if slo.tpot_s is not None and request.role != "prefill":
         f = slowdown_factor(table.a_d[tid], table.mf_d[tid], share, x, y)
-        own |= (table.tpot[tid] * f > slo.tpot_s * (1 + 1e-9)) & (table.tpot[tid] > 0)
+        base = table.tpot[tid]
+        own |= (base * f > slo.tpot_s * (1 + 1e-9)) & (base > 0)
     return own if bad is None else (bad | own)
 
 

@@ -41,7 +41,7 @@ def reason_codes(
     slo_bad: np.ndarray | None,
 ) -> np.ndarray:
     """Per-unit reason code (0 = feasible), highest-precedence reason wins."""
-    code = np.zeros(healthy.shape[0], dtype=np.int8)
+    code = np.zeros(healthy.shape, dtype=np.int8)
     for mask, value in (
         (slo_bad, SLO_NEIGHBOURS),
         (bw_over, BW),
