@@ -116,3 +116,24 @@ def test_allocation_record_is_json_on_the_pod(rig):
     raw = orjson.loads(rig.annotation("rec", ALLOCATED_ANNOTATION))
     assert raw["unit"] == gpu_uuid(0) and raw["sm_share"] == 20 and raw["containers"] == 1
     assert raw["boot_id"] == "boot-1" and raw["at"].endswith("Z")
+
+
+def test_cdi_mode_names_the_cdi_device_instead_of_the_env(rig_factory):
+    rig = rig_factory(cdi=True)
+    rig.create_bound("cdi", gpu_uuid(1), share=45)
+    c = rig.kubelet.admit(rig.kubelet_pod("cdi")).containers["vllm"]
+    assert c.cdi_devices == [f"nvidia.com/gpu={gpu_uuid(1)}"]
+    assert "NVIDIA_VISIBLE_DEVICES" not in c.envs
+    assert c.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "45"
+
+
+def test_without_pod_resources_admissions_in_assignment_order_still_work(rig_factory):
+    rig = rig_factory(pod_resources=False)
+    rig.create_bound("first", gpu_uuid(0), share=60, assigned_at=at(0))
+    rig.create_bound("second", gpu_uuid(1), share=40, assigned_at=at(1))
+    r1 = rig.kubelet.admit(rig.kubelet_pod("first"))
+    r2 = rig.kubelet.admit(rig.kubelet_pod("second"))
+    assert r1.env["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(0)
+    assert r2.env["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(1)
+    rec = AllocationRecord.from_annotation(rig.annotation("second", ALLOCATED_ANNOTATION))
+    assert rec.resolved_by == "assigned-at"

@@ -275,14 +275,17 @@ class FakeKubelet:
             self._channel, self._stream = channel, stream
             self._endpoint = request.endpoint
             self._options = options
-            self.registrations += 1
             self._lock.notify_all()
+        first = True
         try:
             for resp in stream:
                 with self._lock:
                     if gen != self._stream_gen:
                         return
                     self._devices = {d.ID: d.health for d in resp.devices}
+                    if first:  # registered = connected and the first device list is in
+                        self.registrations += 1
+                        first = False
                     self.list_and_watch_updates += 1
                     self._lock.notify_all()
         except grpc.RpcError:
