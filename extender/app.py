@@ -44,12 +44,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise _TooLarge(
-                    f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"
-                )
+            size = int(declared)
         except ValueError:
             raise BadRequest(f"invalid Content-Length {declared!r}") from None
+        if size > limit:
+            raise _TooLarge(f"request body of {size} bytes exceeds the limit of {limit} bytes")
     chunks = []
     size = 0
     async for chunk in request.stream():

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -32,21 +31,15 @@ class _StateCollector(Collector):
         with s.lock:
             now = s.now()
             stale_after = s.policy.stale_after_s
-            v = s.view
-            n = v.n_slots
-            active = v.active[:n]
-            healthy = v.healthy[:n] & active
-            fresh = healthy & (v.tel_t[:n] >= now - stale_after)
             units = GaugeMetricFamily(
                 "copack_extender_units", "Units in the cluster view by state", labels=["state"]
             )
-            units.add_metric(["fresh"], float(np.count_nonzero(fresh)))
-            units.add_metric(["stale"], float(np.count_nonzero(healthy & ~fresh)))
-            units.add_metric(["unhealthy"], float(np.count_nonzero(active & ~healthy)))
+            for state_name, count in s.unit_states().items():
+                units.add_metric([state_name], float(count))
             occupied = GaugeMetricFamily(
-                "copack_extender_units_occupied", "Healthy units holding at least one pod"
+                "copack_extender_units_occupied", "Units holding at least one pod"
             )
-            occupied.add_metric([], float(np.count_nonzero(healthy & (v.npods[:n] > 0))))
+            occupied.add_metric([], float(s.occupied_units()))
             age = GaugeMetricFamily(
                 "copack_extender_telemetry_age_seconds",
                 "Seconds since the node agent's last telemetry snapshot arrived",

@@ -69,6 +69,7 @@ class NodeInfo:
     inventory_error: str | None = None  # None and has_inventory False: no annotation
     has_inventory: bool = False
     unit_count: int = 0
+    unhealthy_units: int = 0  # per the inventory annotation
 
 
 @dataclass(slots=True)
@@ -119,6 +120,8 @@ class NodeTelemetry:
     units: int = 0
     sources: tuple[str, ...] = ()
     unknown_units: int = 0
+    unhealthy: int = 0  # units reported unhealthy in the last snapshot
+    recorded: int = 0  # units whose sample was recorded from the last snapshot
 
 
 @dataclass
@@ -276,6 +279,7 @@ class ClusterState:
                 except InventoryError as e:
                     info.inventory_error = str(e)
             info.unit_count = len(units)
+            info.unhealthy_units = sum(1 for u in units if not u.healthy)
             dropped = self.view.set_node(name, units, labels, mps)
             for key in dropped:
                 p = self.pods.get(key)
@@ -537,7 +541,7 @@ class ClusterState:
             t.sequence = snapshot.sequence
             t.snapshots += 1
             t.last_error = None
-            unknown = 0
+            unknown = unhealthy = recorded = 0
             sources = set()
             for u in snapshot.units:
                 lag = max(0.0, snapshot.timestamp - u.timestamp) if u.timestamp > 0 else 0.0
@@ -545,8 +549,12 @@ class ClusterState:
                     unknown += 1
                     continue
                 self.view.set_unit_health(u.uuid, bool(u.healthy))
-                if not u.healthy or not u.sm_active.present:
+                if not u.healthy:
+                    unhealthy += 1
                     continue
+                if not u.sm_active.present:
+                    continue
+                recorded += 1
                 sources.add(u.source)
                 self.view.record_telemetry(
                     u.uuid,
@@ -558,6 +566,8 @@ class ClusterState:
                 )
             t.units = len(snapshot.units)
             t.unknown_units = unknown
+            t.unhealthy = unhealthy
+            t.recorded = recorded
             t.sources = tuple(sorted(sources))
 
     def telemetry_age(self, node: str, now: float | None = None) -> float | None:
@@ -595,21 +605,33 @@ class ClusterState:
         return None
 
     def unit_states(self) -> dict[str, int]:
-        """Units by state for the metrics: healthy/fresh, healthy/stale, unhealthy."""
+        """Units by state for the metrics, per node from what the extender itself tracks (no
+        reach into the view's arrays): fresh = healthy and read in the node's last snapshot
+        while that is within the staleness bound; stale = other healthy units; unhealthy."""
         with self.lock:
             now = self.now()
             stale_after = self.policy.stale_after_s
-            v = self.view
             out = {"fresh": 0, "stale": 0, "unhealthy": 0}
-            for name in v.node_names:
-                for slot in v.node_slots(name):
-                    if not v.healthy[slot]:
-                        out["unhealthy"] += 1
-                    elif v.tel_t[slot] >= now - stale_after:
-                        out["fresh"] += 1
-                    else:
-                        out["stale"] += 1
+            for name, info in self.nodes.items():
+                if info.unit_count == 0:
+                    continue
+                tel = self.telemetry.get(name)
+                fresh_tel = (
+                    tel is not None
+                    and tel.last_seen is not None
+                    and now - tel.last_seen <= stale_after
+                )
+                unhealthy = tel.unhealthy if fresh_tel and tel else info.unhealthy_units
+                unhealthy = min(unhealthy, info.unit_count)
+                fresh = min(tel.recorded, info.unit_count - unhealthy) if fresh_tel and tel else 0
+                out["unhealthy"] += unhealthy
+                out["fresh"] += fresh
+                out["stale"] += info.unit_count - unhealthy - fresh
             return out
+
+    def occupied_units(self) -> int:
+        with self.lock:
+            return len({p.unit for p in self.pods.values() if p.placed and p.unit})
 
     def to_dict(self) -> dict[str, Any]:
         with self.lock:
