@@ -89,3 +89,16 @@ def ticks(sampler: Sampler, n: int, gap: float = 0.11) -> None:
         if i:
             time.sleep(gap)
         sampler.tick()
+
+
+def wait_readings(sampler: Sampler, min_sequence: int = 3) -> Any:
+    """Wait for a snapshot in which every unit that has an activity source shows a value."""
+
+    def ready() -> Any:
+        snap = sampler.latest()
+        if snap is None or snap.sequence < min_sequence:
+            return None
+        ok = all(u.sm_active.present for u in snap.units if u.healthy and u.source != "none")
+        return snap if ok else None
+
+    return wait_until(ready, what="readings from every unit")

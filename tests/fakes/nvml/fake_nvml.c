@@ -375,12 +375,14 @@ struct fake_gpm_sample {
     int gi_id; /* -1: whole GPU */
     double t;
     double acc[NMETRICS];
+    double nan_s[NMETRICS]; /* seconds with a NaN value so far: a diff over them is NaN */
 };
 #define SAMPLE_MAGIC 0x47504d53u
 
 typedef struct {
     double last_t;
     double acc[NMETRICS];
+    double nan_s[NMETRICS];
     int started;
 } gpm_counter;
 
@@ -571,15 +573,20 @@ static scenario *parse_scenario(const char *text, char *err, size_t errcap) {
     return sc;
 }
 
-/* Integral of one metric of a timeline over [a, b] (seconds since the generation started). */
-static double integrate(const gpm_timeline *g, int m, double a, double b) {
+/* Integral of one metric of a timeline over [a, b] (seconds since the generation started);
+ * time spent on NaN values goes to *nan_time instead. */
+static double integrate(const gpm_timeline *g, int m, double a, double b, double *nan_time) {
     if (g->nsteps == 0 || b <= a) return 0;
     double total = 0;
     for (int i = 0; i < g->nsteps; i++) {
         double lo = i == 0 ? -INFINITY : g->steps[i].t;
         double hi = i + 1 < g->nsteps ? g->steps[i + 1].t : INFINITY;
         double x0 = a > lo ? a : lo, x1 = b < hi ? b : hi;
-        if (x1 > x0) total += g->steps[i].v[m] * (x1 - x0);
+        if (x1 <= x0) continue;
+        if (isnan(g->steps[i].v[m]))
+            *nan_time += x1 - x0;
+        else
+            total += g->steps[i].v[m] * (x1 - x0);
     }
     return total;
 }
@@ -592,7 +599,7 @@ static void advance(gpm_counter *c, const gpm_timeline *g, double now) {
     }
     if (g && now > c->last_t) {
         double a = c->last_t - cur->loaded_at, b = now - cur->loaded_at;
-        for (int m = 0; m < NMETRICS; m++) c->acc[m] += integrate(g, m, a, b);
+        for (int m = 0; m < NMETRICS; m++) c->acc[m] += integrate(g, m, a, b, &c->nan_s[m]);
     }
     c->last_t = now;
 }
@@ -708,10 +715,13 @@ static nvmlReturn_t do_init(const char *func) {
         RETURN(NVML_ERROR_LIBRARY_NOT_FOUND);
     }
     if (strcmp(p, scenario_path) != 0) {
+        /* Another scenario file is another machine: its GPM counters start from zero. */
         snprintf(scenario_path, sizeof scenario_path, "%s", p);
         free(cur);
         cur = NULL;
         memset(&scenario_stat, 0, sizeof scenario_stat);
+        memset(gpu_counters, 0, sizeof gpu_counters);
+        memset(gi_counters, 0, sizeof gi_counters);
     }
     int r = refresh();
     if (r) {
@@ -1041,6 +1051,7 @@ static void fill_sample(nvmlGpmSample_t s, gpm_counter *c, const gpm_timeline *g
     s->gi_id = gi_id;
     s->t = now;
     memcpy(s->acc, c->acc, sizeof(s->acc));
+    memcpy(s->nan_s, c->nan_s, sizeof(s->nan_s));
 }
 
 nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t device, nvmlGpmSample_t gpmSample) {
@@ -1114,7 +1125,7 @@ nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *metricsGet) {
             continue;
         }
         mt->nvmlReturn = NVML_SUCCESS;
-        mt->value = (s2->acc[idx] - s1->acc[idx]) / dt;
+        mt->value = s2->nan_s[idx] != s1->nan_s[idx] ? NAN : (s2->acc[idx] - s1->acc[idx]) / dt;
     }
     RETURN(NVML_SUCCESS);
 }
