@@ -125,9 +125,8 @@ class Allocator:
         except AllocationError:
             if view is not None:
                 raise
-            # Without the kubelet's view our watch may simply be behind: relist once.
-            self._cache.relist()
-            return resolve(self._cache.pods(), None, self._table, self._rejected,
+            # Without the kubelet's view our watch may simply be behind: list once more.
+            return resolve(self._cache.list_fresh(), None, self._table, self._rejected,
                            requested_units, self._cfg.node_name)
 
     # ---- kubelet calls -------------------------------------------------------------------

@@ -39,6 +39,8 @@ class DevicePluginConfig:
     reconcile_s: float = 30.0
     mps_check_s: float = 5.0
     api_timeout_s: float = 5.0
+    # How long start() waits for the first pod list before going on without it.
+    api_sync_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.node_name:
@@ -58,7 +60,7 @@ class DevicePluginConfig:
                 f"cdi_kind must look like vendor/class (e.g. nvidia.com/gpu), got {self.cdi_kind!r}"
             )
         for name in ("health_poll_s", "socket_poll_s", "reconcile_s", "mps_check_s",
-                     "api_timeout_s"):
+                     "api_timeout_s", "api_sync_timeout_s"):
             if getattr(self, name) <= 0:
                 raise DevicePluginConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.mps and not self.mps_control_binary:

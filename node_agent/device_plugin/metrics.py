@@ -3,7 +3,10 @@ exporter). Defined once at import: a second definition of a name would raise."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import Counter, Gauge
+from prometheus_client.metrics_core import Metric
 
 MPS_DAEMON_UP = Gauge(
     "copack_mps_daemon_up",
@@ -30,3 +33,15 @@ REGISTERED = Gauge(
 REGISTRATIONS = Counter(
     "copack_device_plugin_registrations", "Successful registrations with the kubelet"
 )
+
+
+ALL = (MPS_DAEMON_UP, MPS_DAEMON_RESTARTS, ALLOCATIONS, ALLOCATED_PODS, REGISTERED, REGISTRATIONS)
+
+
+class DevicePluginCollector:
+    """The metrics above as one collector, for an exporter that serves its own registry
+    (the agent's): `registry.register(DevicePluginCollector())`."""
+
+    def collect(self) -> Iterator[Metric]:
+        for m in ALL:
+            yield from m.collect()

@@ -172,34 +172,44 @@ class PodCache:
         with self._lock:
             return list(self._pods.values())
 
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
     def fetch(self, namespace: str, name: str) -> PodView | None:
-        """One pod read from the API now (None if it is gone or not on this node)."""
+        """One pod read from the API now (None if it is gone or not on this node). Not stored:
+        only the watch writes the cache, so a slow read can never roll a pod back."""
         try:
             pod = self._api.read_namespaced_pod(name, namespace, _request_timeout=self._timeout)
         except ApiException as e:
             if e.status == 404:
-                self._remove(f"{namespace}/{name}")
                 return None
             raise
         view = PodView.from_v1pod(pod)
-        if view.node != self._node:
-            return None
-        self._put(view)
-        return view
+        return view if view.node == self._node else None
 
-    def relist(self) -> str:
-        """Replace the cache with a fresh list; returns the list's resourceVersion."""
+    def list_fresh(self) -> list[PodView]:
+        """The node's pods listed from the API now (not stored, as for fetch)."""
+        return self._list()[0]
+
+    def _list(self) -> tuple[list[PodView], str]:
         resp = self._api.list_pod_for_all_namespaces(
             field_selector=self.field_selector, _request_timeout=self._timeout
         )
-        fresh = {v.key: v for v in (PodView.from_v1pod(p) for p in resp.items)}
+        views = [PodView.from_v1pod(p) for p in resp.items]
+        return views, resp.metadata.resource_version or ""
+
+    def relist(self) -> str:
+        """Replace the cache with a fresh list (watch thread); returns its resourceVersion."""
+        views, rv = self._list()
+        fresh = {v.key: v for v in views}
         with self._lock:
             gone = [v for k, v in self._pods.items() if k not in fresh]
             self._pods = fresh
         for v in gone:
             self._notify_delete(v)
         self._synced.set()
-        return resp.metadata.resource_version or ""
+        return rv
 
     def _put(self, view: PodView) -> None:
         with self._lock:

@@ -88,9 +88,13 @@ def register(config: DevicePluginConfig) -> None:
 
 
 class Registrar:
-    def __init__(self, config: DevicePluginConfig, endpoint: PluginEndpoint) -> None:
+    def __init__(self, config: DevicePluginConfig, endpoint: PluginEndpoint,
+                 ready: Callable[[], bool] = lambda: True) -> None:
+        """ready: False while there is nothing to advertise yet (the sampler has not reported
+        units): registering then would let the kubelet fail pods against zero capacity."""
         self._cfg = config
         self._endpoint = endpoint
+        self._ready = ready
         self._kubelet_path = os.path.join(config.socket_dir, config.kubelet_socket_name)
         self._registered_with: FileId | None = None
         self._stop = threading.Event()
@@ -140,7 +144,7 @@ class Registrar:
                     self._registered_with = None
             metrics.REGISTERED.set(0)
             return
-        if kubelet == current:
+        if kubelet == current or not self._ready():
             return
         try:
             register(self._cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from kubernetes import client
@@ -27,9 +27,6 @@ from policies.inventory import InventoryUnit
 
 log = logging.getLogger(__name__)
 
-CACHE_SYNC_TIMEOUT_S = 10.0
-
-
 @runtime_checkable
 class UnitSource(Protocol):
     """What the plugin needs from the agent's sampler: the node's units, each with its health
@@ -38,11 +35,18 @@ class UnitSource(Protocol):
     def units(self) -> Sequence[InventoryUnit]: ...
 
 
+UnitsLike = UnitSource | Callable[[], Sequence[InventoryUnit]]
+
+
 class DevicePluginService:
-    def __init__(self, config: DevicePluginConfig, units: UnitSource, kube_client: Any) -> None:
-        """kube_client: a kubernetes `ApiClient` (or a ready `CoreV1Api`)."""
+    def __init__(self, config: DevicePluginConfig, units: UnitsLike, kube_client: Any) -> None:
+        """units: an object with `units()` or a zero-argument callable giving the node's units
+        (e.g. `lambda: sampler.latest().inventory().units`).
+        kube_client: a kubernetes `ApiClient` (or a ready `CoreV1Api`)."""
         self.config = config
-        self._source = units
+        self._source: Callable[[], Sequence[InventoryUnit]] = (
+            units.units if isinstance(units, UnitSource) else units
+        )
         self._api = (
             kube_client
             if isinstance(kube_client, client.CoreV1Api)
@@ -73,10 +77,11 @@ class DevicePluginService:
         self.endpoint = PluginEndpoint(
             config, lambda server: api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
         )
-        self.registrar = Registrar(config, self.endpoint)
+        self.registrar = Registrar(config, self.endpoint, ready=lambda: bool(self._units))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
+        self._rebuilt = False
 
     # ---- units and health ------------------------------------------------------------------
 
@@ -92,7 +97,7 @@ class DevicePluginService:
         """Read the sampler once; push a new slot list to ListAndWatch if anything changed.
         A failing sampler keeps the last list (its own health series report the failure)."""
         try:
-            units = list(self._source.units())
+            units = list(self._source())
         except Exception as e:
             log.warning("unit source failed (%s); keeping the last slot list", e)
             return False
@@ -103,6 +108,17 @@ class DevicePluginService:
     def _pod_deleted(self, pod) -> None:
         self.allocator.forget(pod)
 
+    def _maintain(self) -> None:
+        """Rebuild the allocation table once the pod list is in (after an agent restart), then
+        keep reconciling it against the pods that still exist."""
+        if not self.cache.synced:
+            return
+        if not self._rebuilt:
+            self.allocator.rebuild()
+            self._rebuilt = True
+            return
+        self.allocator.reconcile()
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -111,16 +127,17 @@ class DevicePluginService:
         self._started = True
         self.refresh_units()
         self.cache.start()
-        if not self.cache.wait_synced(CACHE_SYNC_TIMEOUT_S):
-            log.warning("pod list from the API not ready after %.0fs; Allocate will read pods "
-                        "directly until it is", CACHE_SYNC_TIMEOUT_S)
+        if self.cache.wait_synced(self.config.api_sync_timeout_s):
+            self._maintain()
         else:
-            self.allocator.rebuild()
+            log.warning("pod list from the API not ready after %.0fs; allocations are rebuilt "
+                        "once it is, Allocate reads pods directly until then",
+                        self.config.api_sync_timeout_s)
         if self.mps is not None:
             self.mps.start()
         self.registrar.start()
         self._spawn("dp-health", self.config.health_poll_s, self.refresh_units)
-        self._spawn("dp-reconcile", self.config.reconcile_s, self.allocator.reconcile)
+        self._spawn("dp-reconcile", self.config.reconcile_s, self._maintain)
         log.info("device plugin for node %s started (%d units x %d slots, mps=%s, cdi=%s)",
                  self.config.node_name, len(self._units), self.config.slots_per_unit,
                  self.config.mps, self.config.cdi)

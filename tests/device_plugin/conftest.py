@@ -53,6 +53,10 @@ class UnitTable:
         with self._lock:
             return list(self._units)
 
+    def set_units(self, units: list[InventoryUnit]) -> None:
+        with self._lock:
+            self._units = list(units)
+
     def set_healthy(self, uuid: str, healthy: bool) -> None:
         with self._lock:
             self._units = [u.model_copy(update={"healthy": healthy}) if u.uuid == uuid else u
@@ -178,7 +182,7 @@ def rig_factory(fake_kube: FakeKube, short_dir: Path) -> Iterator[Callable[..., 
         rigs.append(rig)
         if start:
             rig.start_service()
-            assert kubelet.wait_registered(10), "plugin never registered with the fake kubelet"
+            assert kubelet.wait_registered(10), "plugin never registered with the kubelet"
         return rig
 
     yield make

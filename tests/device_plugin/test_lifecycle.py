@@ -6,7 +6,7 @@ import os
 
 from node_agent.device_plugin.allocations import ALLOCATED_ANNOTATION, AllocationRecord
 from node_agent.device_plugin.slots import slot_unit
-from tests.device_plugin.conftest import at, gpu_uuid, wait_for
+from tests.device_plugin.conftest import at, gpu_uuid, h100, wait_for
 
 
 def test_kubelet_restart_makes_the_plugin_register_again(rig):
@@ -122,3 +122,49 @@ def test_dropped_watch_is_recovered(rig):
     res = rig.kubelet.admit(rig.kubelet_pod("late"))
     assert res.env["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(3)
     assert wait_for(lambda: rig.service.cache.get("default/late") is not None)
+
+
+def test_failed_record_write_does_not_fail_admission_and_is_retried(rig):
+    rig.create_bound("flaky", gpu_uuid(1), share=25)
+    rig.kube.server.fail_next("patch", count=1, status=500, resource="pods")
+    res = rig.kubelet.admit(rig.kubelet_pod("flaky"))
+    assert res.env["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(1)
+    assert wait_for(lambda: rig.annotation("flaky", ALLOCATED_ANNOTATION) is not None)
+    assert rig.service.allocator.allocations()["default/flaky"].persisted
+
+
+def test_rebuild_waits_for_the_api_when_it_is_down_at_start(rig):
+    rig.create_bound("early", gpu_uuid(0), share=50)
+    assert rig.kubelet.admit(rig.kubelet_pod("early")).admitted
+    rig.stop_service()
+    rig.kube.server.fail_next("list", count=3, status=503, resource="pods")
+    svc = rig.start_service(api_sync_timeout_s=0.05)  # gives up waiting for the first list
+    assert rig.kubelet.wait_registered(10, count=2)
+    assert wait_for(lambda: "default/early" in svc.allocator.allocations())
+
+
+def test_registration_waits_until_the_sampler_reports_units(rig_factory):
+    rig = rig_factory(start=False)
+    rig.units.set_units([])  # the sampler has not enumerated the GPUs yet
+    svc = rig.start_service()
+    assert not rig.kubelet.wait_registered(0.3)
+    assert not svc.registrar.registered and rig.kubelet.register_requests == []
+    rig.units.set_units([h100(0)])
+    assert wait_for(lambda: svc.registrar.registered)
+    assert rig.kubelet.wait_devices(lambda d: len(d) == 4)
+
+
+def test_outcomes_are_counted_in_metrics(rig):
+    from prometheus_client import REGISTRY
+
+    def count(result):
+        return REGISTRY.get_sample_value("copack_device_plugin_allocations_total",
+                                         {"result": result}) or 0.0
+
+    ok, err = count("ok"), count("error")
+    rig.create_bound("good", gpu_uuid(0), share=50)
+    rig.create_bound("bad", None)
+    rig.kubelet.admit(rig.kubelet_pod("good"))
+    rig.kubelet.admit(rig.kubelet_pod("bad"))
+    assert (count("ok"), count("error")) == (ok + 1, err + 1)
+    assert REGISTRY.get_sample_value("copack_device_plugin_registered") == 1
