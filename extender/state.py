@@ -511,11 +511,13 @@ class ClusterState:
                 t = self.telemetry[node] = NodeTelemetry(endpoint)
             t.state = "connecting"
 
-    def telemetry_disconnected(self, node: str, reason: str, forget: bool = False) -> None:
+    def telemetry_disconnected(
+        self, node: str, reason: str, forget: bool = False, endpoint: str | None = None
+    ) -> None:
         with self.lock:
             t = self.telemetry.get(node)
-            if t is None:
-                return
+            if t is None or (endpoint is not None and t.endpoint != endpoint):
+                return  # a stream to an endpoint the node no longer names
             if forget:
                 del self.telemetry[node]
                 return

@@ -120,14 +120,16 @@ class TelemetrySubscriber:
                     async for snapshot in call:
                         state.apply_snapshot(node, snapshot)
                         backoff = self._backoff_initial
-                    state.telemetry_disconnected(node, "the agent ended the stream")
+                    state.telemetry_disconnected(node, "the agent ended the stream",
+                                                 endpoint=endpoint)
             except asyncio.CancelledError:
-                state.telemetry_disconnected(node, "unsubscribed", forget=True)
+                state.telemetry_disconnected(node, "unsubscribed", forget=True, endpoint=endpoint)
                 raise
             except grpc.aio.AioRpcError as e:
-                state.telemetry_disconnected(node, f"{e.code().name}: {e.details()}")
+                state.telemetry_disconnected(node, f"{e.code().name}: {e.details()}",
+                                             endpoint=endpoint)
             except Exception as e:  # a bad snapshot must not end the subscription
                 log.warning("telemetry from %s (%s): %r", node, endpoint, e)
-                state.telemetry_disconnected(node, f"{type(e).__name__}: {e}")
+                state.telemetry_disconnected(node, f"{type(e).__name__}: {e}", endpoint=endpoint)
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(self._backoff_max, backoff * 2)

@@ -101,6 +101,11 @@ class ApiObjects:
         obj = self._store.create("nodes", body)
         return {"kind": "Node", "apiVersion": "v1", **obj}
 
+    def annotate_node(self, name: str, annotations: dict[str, str]) -> dict[str, Any]:
+        obj = self._store.patch("nodes", name, {"metadata": {"annotations": annotations}},
+                                patch_type="merge")
+        return {"kind": "Node", "apiVersion": "v1", **obj}
+
     def bind(self, pod: dict[str, Any], node: str, annotations: dict[str, str]) -> dict[str, Any]:
         meta = pod["metadata"]
         self._store.bind(meta["namespace"], meta["name"], node, meta["uid"], annotations)
