@@ -351,6 +351,7 @@ class FakeNvml:
 
     def __init__(self, directory: Path, initial: dict[str, Any] | None = None) -> None:
         self.lib_path = build_library()
+        Path(directory).mkdir(parents=True, exist_ok=True)
         self.scenario_path = Path(directory) / "nvml-scenario.json"
         self._lib: ctypes.CDLL | None = None
         self._seq = 0
