@@ -26,6 +26,7 @@ from node_agent.device_plugin.pods import PodCache, PodView
 from node_agent.device_plugin.resolver import (
     AllocationError,
     assigned_unit,
+    pending_pods,
     resolve,
     sm_share,
 )
@@ -97,31 +98,45 @@ class Allocator:
     def _kubelet_view(self) -> KubeletView | None:
         return self._podres.list() if self._podres is not None else None
 
-    def _pods_for(self, view: KubeletView | None) -> list[PodView]:
+    def _refresh(self, pods: dict[str, PodView], keys: Sequence[str]) -> None:
+        """Read these pods from the API now, bypassing the watch (gone pods are dropped)."""
+        for key in keys:
+            ns, _, name = key.partition("/")
+            try:
+                fresh = self._cache.fetch(ns, name)
+            except Exception as e:
+                log.warning("cannot read pod %s from the API: %s", key, e)
+                continue
+            if fresh is None:
+                pods.pop(key, None)
+            else:
+                pods[key] = fresh
+
+    def _pods_for(self, view: KubeletView | None) -> dict[str, PodView]:
         """Cached pods, plus fresh reads of pods the kubelet lists before our watch shows them
         (or shows them without their copack.io/unit yet)."""
         pods = {p.key: p for p in self._cache.pods()}
         if view is not None:
-            for key in view.pods:
-                p = pods.get(key)
-                if p is not None and not (p.wants_gpu and p.unit is None):
-                    continue
-                ns, _, name = key.partition("/")
-                try:
-                    fresh = self._cache.fetch(ns, name)
-                except Exception as e:
-                    log.warning("cannot read pod %s from the API: %s", key, e)
-                    continue
-                if fresh is not None:
-                    pods[key] = fresh
-        return list(pods.values())
+            stale = [k for k in view.pods
+                     if k not in pods or (pods[k].wants_gpu and pods[k].unit is None)]
+            self._refresh(pods, stale)
+        return pods
 
     def _resolve(self, requested_units: set[str]):
         view = self._kubelet_view()
         pods = self._pods_for(view)
         try:
-            return resolve(pods, view, self._table, self._rejected, requested_units,
-                           self._cfg.node_name)
+            res = resolve(list(pods.values()), view, self._table, self._rejected,
+                          requested_units, self._cfg.node_name)
+            if view is None or res.candidates == 1:
+                return res
+            # Several pods look admitted: all but one were refused by the kubelet before device
+            # allocation (its pod list keeps them); their Failed phase may not have reached our
+            # watch yet, so read the waiting pods afresh and decide again.
+            self._refresh(pods, [p.key for p in pending_pods(
+                list(pods.values()), view, self._table, self._rejected)])
+            return resolve(list(pods.values()), view, self._table, self._rejected,
+                           requested_units, self._cfg.node_name)
         except AllocationError:
             if view is not None:
                 raise

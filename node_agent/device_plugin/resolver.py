@@ -61,6 +61,20 @@ def kubelet_partial(pod: PodView, view: KubeletView | None) -> bool:
     return any(containers.get(c) for c in pod.gpu_containers)
 
 
+def pending_pods(
+    pods: Sequence[PodView],
+    view: KubeletView,
+    allocations: Mapping[str, Allocation],
+    rejected: Mapping[str, str],
+) -> list[PodView]:
+    """Pods the kubelet lists that still wait for copack.io/gpu slots (admitted or refused)."""
+    return [
+        p for p in pods
+        if not p.terminal and p.wants_gpu and rejected.get(p.key) != p.uid
+        and kubelet_pending(p, view, allocations)
+    ]
+
+
 def resolve(
     pods: Sequence[PodView],
     view: KubeletView | None,
@@ -70,9 +84,8 @@ def resolve(
     node: str,
 ) -> Resolution:
     """The pod being admitted, or AllocationError saying why none can be named."""
-    live = [p for p in pods if not p.terminal and p.wants_gpu and rejected.get(p.key) != p.uid]
     if view is not None:
-        pending = [p for p in live if kubelet_pending(p, view, allocations)]
+        pending = pending_pods(pods, view, allocations, rejected)
         by = BY_POD_RESOURCES
         if not pending:
             raise AllocationError(
@@ -80,6 +93,8 @@ def resolve(
                 "pod-resources view; refusing to hand out a device without an assignment"
             )
     else:
+        live = [p for p in pods
+                if not p.terminal and p.wants_gpu and rejected.get(p.key) != p.uid]
         pending = [p for p in live if served(p, allocations) < p.expected_allocations]
         by = BY_ASSIGNED_AT
         if not any(p.unit for p in pending):

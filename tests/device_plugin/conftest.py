@@ -156,12 +156,14 @@ def rig_factory(fake_kube: FakeKube, short_dir: Path) -> Iterator[Callable[..., 
     rigs: list[Rig] = []
 
     def make(n_units: int = 4, slots: int = 4, pod_resources: bool = True,
-             use_preferred: bool = True, start: bool = True, **cfg: Any) -> Rig:
+             use_preferred: bool = True, start: bool = True, list_inactive: bool = False,
+             **cfg: Any) -> Rig:
         fake_kube.server.add_node(NODE)
         socket_dir = short_dir / "dp"
         podres = short_dir / "pr" / "kubelet.sock"
         kubelet = FakeKubelet(socket_dir, podres if pod_resources else None,
-                              use_preferred=use_preferred, kube_server=fake_kube.server).start()
+                              use_preferred=use_preferred, kube_server=fake_kube.server,
+                              list_inactive=list_inactive).start()
         boot = short_dir / "boot_id"
         boot.write_text("boot-1\n")
         config = DevicePluginConfig(

@@ -6,7 +6,7 @@ import orjson
 
 from node_agent.device_plugin.allocations import ALLOCATED_ANNOTATION, AllocationRecord
 from node_agent.device_plugin.slots import slot_unit
-from tests.device_plugin.conftest import at, gpu_uuid
+from tests.device_plugin.conftest import at, gpu_uuid, wait_for
 
 
 def test_two_pods_on_two_units_admitted_in_opposite_order_get_their_own_units(rig):
@@ -137,3 +137,18 @@ def test_without_pod_resources_admissions_in_assignment_order_still_work(rig_fac
     assert r2.env["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(1)
     rec = AllocationRecord.from_annotation(rig.annotation("second", ALLOCATED_ANNOTATION))
     assert rec.resolved_by == "assigned-at"
+
+
+def test_pod_refused_by_the_kubelet_earlier_is_not_mistaken_for_the_admitted_one(rig_factory):
+    # An older kubelet keeps refused pods in pod-resources; our watch has not seen the refusal.
+    rig = rig_factory(list_inactive=True)
+    rig.create_bound("refused", gpu_uuid(0), share=80, assigned_at=at(0))
+    rig.create_bound("next", gpu_uuid(1), share=20, assigned_at=at(1))
+    assert wait_for(lambda: all(rig.service.cache.get(f"default/{n}") for n in ("refused", "next")))
+    rig.kube.server.fail_next("list", count=1000, status=500, resource="pods")
+    rig.kube.server.drop_watches()  # the plugin's pod cache is frozen from here on
+    rig.kubelet.reject(rig.kubelet_pod("refused"), "OutOfcpu")
+    assert rig.service.cache.get("default/refused").phase != "Failed"
+    res = rig.kubelet.admit(rig.kubelet_pod("next"))
+    assert res.env["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(1)
+    assert res.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "20"

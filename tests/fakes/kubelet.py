@@ -163,7 +163,10 @@ class FakeKubelet:
         use_preferred: bool = True,
         seed: int = 0,
         kube_server: Any = None,
+        list_inactive: bool = False,
     ) -> None:
+        """list_inactive: pod-resources List keeps pods refused at admission (kubelets before
+        1.28 listed every pod of the pod manager; newer ones list active pods only)."""
         self.socket_dir = str(socket_dir)
         self.kubelet_socket = os.path.join(self.socket_dir, "kubelet.sock")
         self.pod_resources_socket = str(pod_resources_socket) if pod_resources_socket else None
@@ -181,6 +184,8 @@ class FakeKubelet:
         self._stream: Any = None
         self._stream_gen = 0
         self._pods: dict[str, KubeletPod] = {}
+        self._inactive: dict[str, KubeletPod] = {}
+        self.list_inactive = list_inactive
         self._pod_devices: dict[str, dict[str, tuple[str, ...]]] = {}
         self.registrations = 0
         self.register_requests: list[api_pb2.RegisterRequest] = []
@@ -333,13 +338,24 @@ class FakeKubelet:
             try:
                 result = self._admit_containers(pod)
             except AdmissionError as e:
-                with self._lock:
-                    self._pods.pop(pod.key, None)
-                    self._pod_devices.pop(pod.key, None)
-                self._set_phase(pod, "Failed")
-                return AdmitResult(pod.key, False, str(e))
+                return self._refuse(pod, str(e))
             self._set_phase(pod, "Running")
             return result
+
+    def reject(self, pod: KubeletPod, reason: str = "OutOfcpu") -> AdmitResult:
+        """Refuse a pod before device allocation (another admit handler said no)."""
+        with self._admit_lock:
+            with self._lock:
+                self._pods[pod.key] = pod
+            return self._refuse(pod, reason)
+
+    def _refuse(self, pod: KubeletPod, error: str) -> AdmitResult:
+        with self._lock:
+            self._pods.pop(pod.key, None)
+            self._pod_devices.pop(pod.key, None)
+            self._inactive[pod.key] = pod
+        self._set_phase(pod, "Failed")
+        return AdmitResult(pod.key, False, error)
 
     def admit_many(self, pods: Iterable[KubeletPod]) -> list[AdmitResult]:
         """One HandlePodAdditions batch: sorted by creation time, admitted one by one."""
@@ -443,6 +459,7 @@ class FakeKubelet:
         key = f"{namespace}/{name}"
         with self._lock:
             self._pods.pop(key, None)
+            self._inactive.pop(key, None)
             self._pod_devices.pop(key, None)
 
     def pod_devices(self, namespace: str, name: str) -> dict[str, tuple[str, ...]]:
@@ -452,7 +469,10 @@ class FakeKubelet:
     def _pod_resources(self) -> podresources_pb2.ListPodResourcesResponse:
         out = podresources_pb2.ListPodResourcesResponse()
         with self._lock:
-            for key, pod in self._pods.items():
+            listed = list(self._pods.items())
+            if self.list_inactive:
+                listed += [(k, p) for k, p in self._inactive.items() if k not in self._pods]
+            for key, pod in listed:
                 held = self._pod_devices.get(key, {})
                 pr = out.pod_resources.add(namespace=pod.namespace, name=pod.name)
                 for c in pod.containers:
