@@ -124,6 +124,8 @@ class DevicePluginService:
     def start(self) -> None:
         if self._started:
             return
+        if self._stop.is_set():
+            raise RuntimeError("a stopped DevicePluginService cannot start again; make a new one")
         self._started = True
         self.refresh_units()
         self.cache.start()
