@@ -82,7 +82,7 @@ def type_table(
     types: list[UnitType], request: PodRequest, dm: DemandModelLike, config: PolicyConfig
 ) -> TypeTable:
     """Ask the demand model once per unit type; mark types the pod can never use."""
-    k = len(types)
+    k = max(1, len(types))  # type id 0 also marks never-used slots: keep the table non-empty
 
     def z() -> np.ndarray:
         return np.zeros(k, dtype=np.float64)

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
+
 from policies.contention import slowdown_factor, sm_share_slowdown
 from policies.model import Demand, DemandOverride, LoadSpec, PodRequest, Timing, UnitType
 from workloads.gpu_catalog import GiB, GpuSpec, find_gpu, gpu_spec
@@ -181,6 +183,29 @@ def step_time(
     tm = bytes_ / (shape.bw * cal.bw_eff * beta * g)
     total = layers * cal.overhead_per_layer_s + max(tc, tm) + cal.overlap_gamma * min(tc, tm)
     return total, tc, tm
+
+
+def step_time_vec(
+    flops: np.ndarray,
+    bytes_: np.ndarray,
+    layers: np.ndarray,
+    peak_flops: float,
+    peak_bw: float,
+    sm_share: np.ndarray,
+    bw_share: np.ndarray | float = 1.0,
+    cal: Calibration = CALIBRATION,
+) -> np.ndarray:
+    """step_time over arrays of passes (calibration fits, simulators): total seconds only."""
+    s = np.clip(sm_share, 0.01, 1.0)
+    beta = np.clip(bw_share, 1e-3, 1.0)
+    tc = flops / (peak_flops * cal.compute_eff * s)
+    g = 1.0 - (1.0 - s) ** cal.bw_sm_exponent
+    tm = bytes_ / (peak_bw * cal.bw_eff * beta * g)
+    return (
+        layers * cal.overhead_per_layer_s
+        + np.maximum(tc, tm)
+        + cal.overlap_gamma * np.minimum(tc, tm)
+    )
 
 
 def _mem_fraction(total: float, tc: float, tm: float, cal: Calibration) -> float:

@@ -1,0 +1,275 @@
+"""Property tests (hypothesis) of the decision core over random clusters.
+
+A small pure-Python reference scores the same units one by one; the vectorized decide() must
+agree with it exactly on feasibility, and on the node scores and the chosen node."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+
+from policies.cluster_view import ClusterView
+from policies.config import PolicyConfig
+from policies.decision import decide
+from policies.model import Demand, DemandOverride, PodRequest, UnitType
+from tests.policies.conftest import H100, mig_unit, whole_gpu
+from workloads.mig_catalog import mig_profile
+from workloads.roofline import DemandModel, unit_shape
+
+GiB = 2**30
+NOW = 1000.0
+DM = DemandModel()
+PROFILES = ("1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")
+
+frac = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@dataclass
+class UnitSpec:
+    profile: str | None
+    healthy: bool
+    pods: list[tuple[float, float, float]]  # (sm, bw, mem fraction of the unit)
+    telemetry: tuple[float, float, float, bool] | None  # sm, bw, mem frac, fresh
+
+
+unit_spec = st.builds(
+    UnitSpec,
+    profile=st.sampled_from((None, None, *PROFILES)),
+    healthy=st.booleans() | st.just(True),
+    pods=st.lists(
+        st.tuples(
+            frac.map(lambda x: x * 0.6), frac.map(lambda x: x * 0.6), frac.map(lambda x: x * 0.5)
+        ),
+        max_size=3,
+    ),
+    telemetry=st.none() | st.tuples(frac, frac, frac, st.booleans()),
+)
+cluster_spec = st.lists(st.lists(unit_spec, min_size=0, max_size=9), min_size=1, max_size=6)
+pod_spec = st.tuples(
+    st.sampled_from(("prefill", "decode", "mixed")),
+    frac.map(lambda x: x * 0.8),
+    frac.map(lambda x: x * 0.8),
+    st.integers(1, 60).map(lambda g: g * GiB // 2),
+)
+config_spec = st.builds(
+    PolicyConfig,
+    policy=st.sampled_from(("complementary", "spread", "binpack", "dedicated")),
+    overcommit=st.sampled_from((0.0, 0.0, 0.1, 0.5)),
+    max_pods_per_unit=st.integers(1, 4),
+)
+
+
+def build(cluster: list[list[UnitSpec]], units_per_row: int = 4) -> ClusterView:
+    v = ClusterView(capacity=8, units_per_row=units_per_row)
+    for n, units in enumerate(cluster):
+        name = f"node-{n}"
+        inv = []
+        for i, u in enumerate(units):
+            if u.profile is None:
+                inv.append(whole_gpu(name, i, healthy=u.healthy))
+            else:
+                mu = mig_unit(name, i, 0, u.profile)
+                inv.append(mu.model_copy(update={"healthy": u.healthy}))
+        v.set_node(name, inv)
+        for iu, u in zip(inv, units, strict=True):
+            for k, (sm, bw, mf) in enumerate(u.pods):
+                v.place(
+                    f"ns/{iu.uuid}-{k}",
+                    iu.uuid,
+                    Demand(sm, bw, int(mf * iu.memory_bytes)),
+                    NOW - 100,
+                )
+            if u.telemetry is not None:
+                sm, bw, mf, fresh = u.telemetry
+                t = NOW - 1 if fresh else NOW - 100
+                v.record_telemetry(
+                    iu.uuid, t, sm=0.0, bw=bw, mem_used_bytes=mf * iu.memory_bytes, tensor=sm
+                )
+    return v
+
+
+def request(pod: tuple[str, float, float, int]) -> PodRequest:
+    role, sm, bw, mem = pod
+    return PodRequest("ns", "incoming", role=role, demand=DemandOverride(sm, bw, mem))
+
+
+def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tuple[float, str]]:
+    """node -> (continuous score, best unit), one unit at a time in plain Python."""
+    out: dict[str, tuple[float, str]] = {}
+    for name in v.node_names:
+        uuids = v.units_of(name)
+        free = total = 0
+        cands: list[tuple[float, str]] = []
+        for uuid in uuids:
+            ld = v.unit_load(uuid, NOW, cfg.stale_after_s)
+            ut = v.unit_type(uuid)
+            assert ut is not None
+            d = DM.demand(r, ut)
+            total += 1
+            if ld["pods"] == 0 and ld["healthy"]:
+                free += 1
+            if not ld["healthy"] or ld["pods"] >= cfg.max_pods_per_unit:
+                continue
+            if cfg.exclusive and ld["pods"] > 0:
+                continue
+            cap = ld["mem_capacity_bytes"]
+            lsm = v.eff_sm[v.slot_of(uuid)] if not ld["stale"] else v.decl_sm[v.slot_of(uuid)]
+            lbw = v.eff_bw[v.slot_of(uuid)] if not ld["stale"] else v.decl_bw[v.slot_of(uuid)]
+            lmem = v.eff_mem[v.slot_of(uuid)] if not ld["stale"] else v.decl_mem[v.slot_of(uuid)]
+            if lmem + d.mem_bytes > cap:
+                continue
+            bound = 1 + cfg.overcommit + 1e-9
+            over = d.sm > bound or d.bw > bound or lsm + d.sm > bound or lbw + d.bw > bound
+            if cfg.policy != "binpack" and over:
+                continue
+            if cfg.policy == "complementary":
+                r1, r2, r3 = 1 - (lsm + d.sm), 1 - (lbw + d.bw), 1 - (lmem + d.mem_bytes) / cap
+                s = 1 - math.sqrt(r1 * r1 + r2 * r2 + r3 * r3) / math.sqrt(3)
+            elif cfg.policy == "binpack":
+                s = (lmem + d.mem_bytes) / cap
+            else:
+                s = 0.0
+            cands.append((s, uuid))
+        if not cands:
+            continue
+        best = max(s for s, _ in cands)
+        unit = next(u for s, u in cands if s >= best - 1e-12)
+        if cfg.policy == "spread":
+            best = (free - 1) / total
+        elif cfg.policy == "dedicated":
+            best = (total - free + 1) / total
+        out[name] = (best, unit)
+    return out
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(cluster=cluster_spec, pod=pod_spec, cfg=config_spec)
+def test_matches_reference_and_respects_bounds(cluster, pod, cfg) -> None:
+    v = build(cluster)
+    r = request(pod)
+    d = decide(v, r, v.node_names, NOW, cfg, DM)
+    ref = reference(v, r, cfg)
+    event(f"{cfg.policy}: {'placed' if d.chosen else 'nowhere'}")
+    assert set(d.feasible_nodes) == set(ref)
+    assert set(d.failed_nodes) == set(v.node_names) - set(ref)
+    for node, score in d.scores.items():
+        assert isinstance(score, int) and 0 <= score <= 10
+        assert score == min(10, max(0, round(10 * ref[node][0])))
+        assert d.best_unit[node] == ref[node][1]
+    if d.chosen is None:
+        assert not ref
+        return
+    node, uuid = d.chosen
+    assert ref[node][0] >= max(s for s, _ in ref.values()) - 1e-9
+    assert v.node_of_unit(uuid) == node
+    # the placement never exceeds memory nor (except binpack) the overcommit bound
+    ld = v.unit_load(uuid, NOW, cfg.stale_after_s)
+    p = d.placement()
+    assert p is not None and p.unit == uuid and 1 <= p.sm_share <= 100
+    assert ld["mem_bytes"] + p.demand.mem_bytes <= ld["mem_capacity_bytes"]
+    assert ld["healthy"] and ld["pods"] < cfg.max_pods_per_unit
+    if cfg.policy != "binpack":
+        assert ld["sm"] + p.demand.sm <= 1 + cfg.overcommit + 1e-9
+        assert ld["bw"] + p.demand.bw <= 1 + cfg.overcommit + 1e-9
+    if cfg.exclusive:
+        assert ld["pods"] == 0
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(cluster=cluster_spec, pod=pod_spec, cfg=config_spec, seed=st.randoms())
+def test_same_input_same_answer(cluster, pod, cfg, seed) -> None:
+    r = request(pod)
+    v1, v2 = build(cluster), build(cluster, units_per_row=8)
+    names = v1.node_names
+    shuffled = list(names)
+    seed.shuffle(shuffled)
+    a = decide(v1, r, names, NOW, cfg, DM)
+    b = decide(v1, r, shuffled, NOW, cfg, DM)
+    c = decide(v2, r, names, NOW, cfg, DM)
+    assert a.chosen == b.chosen == c.chosen
+    assert a.scores == b.scores == c.scores
+    assert a.failed_nodes == b.failed_nodes == c.failed_nodes
+    assert a.explain() == decide(v1, r, names, NOW, cfg, DM).explain()
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=st.lists(st.sampled_from((None, *PROFILES)), min_size=1, max_size=8),
+    pods=st.lists(pod_spec, min_size=1, max_size=25),
+    overcommit=st.sampled_from((0.0, 0.2)),
+)
+def test_sequential_placement_never_overfills(layout, pods, overcommit) -> None:
+    """Place pod after pod (declared demand only): no unit ever exceeds its memory or the
+    overcommit bound, and a MIG unit never holds more than its profile's share of the GPU."""
+    v = ClusterView(units_per_row=4)
+    inv = [whole_gpu("n", i) if p is None else mig_unit("n", i, 0, p) for i, p in enumerate(layout)]
+    v.set_node("n", inv)
+    cfg = PolicyConfig(overcommit=overcommit)
+    for k, pod in enumerate(pods):
+        r = request(pod)
+        d = decide(v, r, None, NOW, cfg, DM)
+        p = d.placement()
+        if p is None:
+            continue
+        v.place(f"ns/p{k}", p.unit, p.demand, NOW, role=r.role, sm_share=p.sm_share)
+    for u in inv:
+        ld = v.unit_load(u.uuid, NOW, cfg.stale_after_s)
+        assert ld["mem_bytes"] <= u.memory_bytes
+        assert ld["sm"] <= 1 + overcommit + 1e-9 and ld["bw"] <= 1 + overcommit + 1e-9
+        if u.mig_profile is not None:
+            prof = mig_profile(H100, u.mig_profile)
+            pods_there = v.pods_on(u.uuid)
+            # in whole-GPU terms: sum of shares <= the profile's share (x overcommit)
+            gpu_sm = sum(p.demand.sm for p in pods_there) * prof.sm_fraction
+            gpu_bw = sum(p.demand.bw for p in pods_there) * prof.bw_fraction
+            assert gpu_sm <= prof.sm_fraction * (1 + overcommit) + 1e-9
+            assert gpu_bw <= prof.bw_fraction * (1 + overcommit) + 1e-9
+            assert sum(p.demand.mem_bytes for p in pods_there) <= prof.memory_bytes
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lo=st.floats(0.0, 0.4),
+    gap=st.floats(0.05, 0.5),
+    big=st.floats(0.1, 0.6),
+    small_ratio=st.floats(0.0, 0.9),
+    mem=st.floats(0.05, 0.4),
+)
+def test_complementary_prefers_the_opposite_load(lo, gap, big, small_ratio, mem) -> None:
+    """A prefill pod (more SM than bw) goes next to decode load (more bw than SM) before an
+    empty GPU and before the mirrored prefill load; a decode pod the other way round."""
+    hi = lo + gap
+    small = big * small_ratio
+    assume(big > small + 1e-6)
+    v = ClusterView()
+    for name in ("decode-loaded", "prefill-loaded", "empty"):
+        v.set_node(name, [whole_gpu(name, 0)])
+    cap = whole_gpu("x", 0).memory_bytes
+    v.place("ns/d", "GPU-decode-loaded-0", Demand(lo, hi, int(mem * cap)), NOW)
+    v.place("ns/p", "GPU-prefill-loaded-0", Demand(hi, lo, int(mem * cap)), NOW)
+    pod_mem = int(0.1 * cap)
+    prefill = PodRequest("ns", "pf", role="prefill", demand=DemandOverride(big, small, pod_mem))
+    decode = PodRequest("ns", "dc", role="decode", demand=DemandOverride(small, big, pod_mem))
+    cfg = PolicyConfig()
+    for r, home in ((prefill, "decode-loaded"), (decode, "prefill-loaded")):
+        d = decide(v, r, None, NOW, cfg, DM)
+        assert "empty" in d.feasible_nodes
+        event(f"{r.role}: home feasible={home in d.feasible_nodes}")
+        if home in d.feasible_nodes:
+            assert d.chosen == (home, f"GPU-{home}-0"), d.explain()
+            assert d.scores[home] >= d.scores["empty"]
+
+
+@settings(max_examples=40)
+@given(pod=pod_spec, profile=st.sampled_from(PROFILES))
+def test_mig_demand_is_the_full_gpu_demand_over_the_profile_share(pod, profile) -> None:
+    r = request(pod)
+    whole = DM.demand(r, UnitType(H100))
+    part = DM.demand(r, UnitType(H100, profile))
+    shape = unit_shape(UnitType(H100, profile))
+    assert abs(part.sm * shape.sm_fraction - whole.sm) < 1e-12
+    assert abs(part.bw * shape.bw_fraction - whole.bw) < 1e-12
+    assert part.mem_bytes == whole.mem_bytes
