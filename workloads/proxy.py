@@ -37,6 +37,7 @@ from prometheus_client import (
 )
 
 from workloads.balancer import Backend, BackendPool, NoBackendError
+from workloads.upstream import upstream_transport
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -228,10 +229,8 @@ class PDProxy:
     def _new_client(self) -> httpx.AsyncClient:
         c = self.config
         return httpx.AsyncClient(
+            transport=upstream_transport(c.max_connections),
             timeout=httpx.Timeout(c.decode_timeout_s, connect=c.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=c.max_connections, max_keepalive_connections=c.max_connections
-            ),
             trust_env=False,
         )
 
