@@ -1,0 +1,75 @@
+"""The manifests agree with the code's own defaults: the agent's listen ports and kubelet
+socket paths, the device plugin's socket directory, the extender's verbs and probe paths."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import typer
+from typer.main import get_command
+
+from tests.deploy.manifests import one, pod_spec, render
+from tests.deploy.test_scheduler_config import scheduler_config
+
+
+def _agent_run_defaults() -> dict[str, object]:
+    from node_agent.cli import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a group, so `agent` is addressable by name
+    run = get_command(app).commands["agent"].commands["run"]
+    return {p.name: p.default for p in run.params}
+
+
+def _agent_container() -> tuple[dict, dict]:
+    spec = pod_spec(one(render("base"), "DaemonSet", "copack-agent"))
+    return spec, spec["containers"][0]
+
+
+def _mount_for(path: str, container: dict) -> dict | None:
+    p = PurePosixPath(path)
+    for m in container["volumeMounts"]:
+        if p.is_relative_to(m["mountPath"]):
+            return m
+    return None
+
+
+def test_agent_ports_are_the_cli_defaults() -> None:
+    defaults = _agent_run_defaults()
+    _, c = _agent_container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert int(str(defaults["grpc_listen"]).rsplit(":", 1)[1]) == ports["grpc"] == 50051
+    assert int(str(defaults["metrics_listen"]).rsplit(":", 1)[1]) == ports["metrics"] == 9400
+    # Listening on all addresses: the extender connects to the pod IP.
+    assert str(defaults["grpc_listen"]).startswith("0.0.0.0:")
+
+
+def test_kubelet_sockets_the_code_uses_are_mounted() -> None:
+    from node_agent.device_plugin.config import DEFAULT_POD_RESOURCES_SOCKET, DEFAULT_SOCKET_DIR
+    from node_agent.pod_attribution import DEFAULT_SOCKET
+
+    spec, c = _agent_container()
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    for path in (DEFAULT_SOCKET, DEFAULT_POD_RESOURCES_SOCKET):
+        m = _mount_for(path, c)
+        assert m is not None and host[m["name"]] == m["mountPath"], path
+    m = _mount_for(DEFAULT_SOCKET_DIR, c)
+    assert m is not None and m["mountPath"] == DEFAULT_SOCKET_DIR == host[m["name"]]
+    assert not m.get("readOnly"), "the device plugin creates its socket there"
+    assert str(_agent_run_defaults()["pod_resources_socket"]) == DEFAULT_SOCKET
+
+
+def test_extender_serves_the_verbs_and_probes_the_manifests_use() -> None:
+    from extender.app import create_app
+    from extender.config import ExtenderConfig
+    from extender.state import ClusterState
+
+    paths = {r.path for r in create_app(ClusterState(), ExtenderConfig(), None).routes}
+    (ext,) = scheduler_config(render("base"))["extenders"]
+    for verb in (ext["filterVerb"], ext["prioritizeVerb"], ext["bindVerb"]):
+        assert f"/{verb}" in paths
+    c = pod_spec(one(render("base"), "Deployment", "copack-extender"))["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] in paths
+    assert c["livenessProbe"]["httpGet"]["path"] in paths
+    assert "/metrics" in paths
