@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from operator import itemgetter
 from typing import Any, Protocol
 
 import numpy as np
@@ -156,34 +157,48 @@ class Decision:
         return ok
 
     @cached_property
+    def _feasible_rows(self) -> np.ndarray:
+        return self.cand_row[self._feasible_mask]
+
+    @cached_property
+    def _feasible_idx(self) -> list[int]:
+        return np.flatnonzero(self._feasible_mask).tolist()
+
+    def _pick(self, seq: Sequence[Any], idx: list[int]) -> list[Any]:
+        """seq[i] for i in idx, at C speed (itemgetter) for the 5,000-node case."""
+        if not idx:
+            return []
+        if len(idx) == 1:
+            return [seq[idx[0]]]
+        return list(itemgetter(*idx)(seq))
+
+    @cached_property
     def feasible_nodes(self) -> list[str]:
-        mask = self._feasible_mask.tolist()
-        return [n for n, ok in zip(self.candidates, mask, strict=True) if ok]
+        return self._pick(self.candidates, self._feasible_idx)
 
     @cached_property
     def scores(self) -> dict[str, int]:
-        idx = np.flatnonzero(self._feasible_mask)
-        vals = self.node_score[self.cand_row[idx]].tolist()
-        names = self.candidates
-        return {names[i]: v for i, v in zip(idx.tolist(), vals, strict=True)}
+        vals = self.node_score[self._feasible_rows].tolist()
+        return dict(zip(self.feasible_nodes, vals, strict=True))
 
     @cached_property
     def best_unit(self) -> dict[str, str]:
-        idx = np.flatnonzero(self._feasible_mask)
-        rows = self.cand_row[idx]
-        js = self.best_j[rows].tolist()
-        brs = self.best_row[rows].tolist()
+        rows = self._feasible_rows
+        slots = zip(self.best_j[rows].tolist(), self.best_row[rows].tolist(), strict=True)
         uu = self.view.slot_uuid
-        names = self.candidates
-        return {names[i]: uu[(j, r)] for i, j, r in zip(idx.tolist(), js, brs, strict=True)}
+        return {n: uu[s] for n, s in zip(self.feasible_nodes, slots, strict=True)}
 
     @cached_property
     def reason_codes(self) -> np.ndarray:
         """Per-unit reason code, shape (K, rows); 0 = feasible or no unit in that slot."""
         m = self.masks
+
+        def neg(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else ~a
+
         code = fz.reason_codes(
-            m["healthy"], m["type_bad"], m["exclusive"], m["pods_full"], m["mem_over"],
-            m["sm_over"], m["bw_over"], m["slo_bad"],
+            m["healthy"], m["type_bad"], neg(m["empty"]), neg(m["has_room"]), neg(m["fits_mem"]),
+            neg(m["fits_sm"]), neg(m["fits_bw"]), m["slo_bad"],
         )  # fmt: skip
         code[~m["active"]] = fz.OK
         return code
@@ -192,43 +207,58 @@ class Decision:
     def _row_reason_counts(self) -> np.ndarray:
         """(rows, N_REASONS) counts, multi-row nodes folded into their first row."""
         code = self.reason_codes
-        counts = np.stack([(code == c).sum(axis=0) for c in range(fz.N_REASONS)], axis=1)
+        r = code.shape[1]
+        flat = code.astype(np.intp) * r + np.arange(r, dtype=np.intp)
+        counts = np.bincount(flat.ravel(), minlength=fz.N_REASONS * r).reshape(fz.N_REASONS, r).T
+        counts = np.ascontiguousarray(counts)
         for rows in self.view.multi_row_nodes.values():
             counts[rows[0]] = counts[rows].sum(axis=0)
         return counts
 
+    @cached_property
+    def _row_bad_types(self) -> dict[int, np.ndarray]:
+        """type id -> rows holding a unit of that type the pod cannot use (folded)."""
+        out: dict[int, np.ndarray] = {}
+        unit_type = self.reason_codes == fz.UNIT_TYPE
+        tid = self.view.type_id[:, : self.rows]
+        for t in np.flatnonzero(self.table.bad).tolist():
+            rows = (unit_type & (tid == t)).any(axis=0)
+            for rs in self.view.multi_row_nodes.values():
+                rows[rs[0]] = rows[rs].any()
+            out[t] = rows
+        return out
+
     def _type_reasons(self, row: int) -> str:
-        rows = self.view.multi_row_nodes.get(int(self.view.row_node[row]), [row])
-        tids: set[int] = set()
-        for r in rows:
-            hit = self.reason_codes[:, r] == fz.UNIT_TYPE
-            tids.update(self.view.type_id[hit, r].tolist())
-        return "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in sorted(tids))
+        bad = [t for t, rows in self._row_bad_types.items() if rows[row]]
+        return "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in bad)
 
     @cached_property
     def failed_nodes(self) -> dict[str, str]:
         if self.refusal:
             return dict.fromkeys(self.candidates, self.refusal)
         out: dict[str, str] = {}
-        bad = np.flatnonzero(~self._feasible_mask).tolist()
-        if not bad:
+        bad = np.flatnonzero(~self._feasible_mask)
+        if not len(bad):
             return out
-        counts = None
+        rows = self.cand_row[bad]
+        known = rows >= 0
+        counts = self._row_reason_counts[rows[known]].tolist() if known.any() else []
         memo: dict[tuple[int, ...], str] = {}
-        for i in bad:
+        it = iter(counts)
+        for i, row, k in zip(bad.tolist(), rows.tolist(), known.tolist(), strict=True):
             name = self.candidates[i]
-            row = int(self.cand_row[i])
-            if row == _UNKNOWN:
+            if not k:
                 out[name] = "unknown node: no copack inventory seen for it"
                 continue
-            if counts is None:
-                counts = self._row_reason_counts
-            key = tuple(counts[row].tolist())
+            key = tuple(next(it))
+            if key[fz.UNIT_TYPE]:
+                key = (*key, row)  # names the unit types: per node
             msg = memo.get(key)
             if msg is None:
-                msg = memo[key] = fz.summarize(counts[row])
-            if key[fz.UNIT_TYPE]:
-                msg = f"{msg} ({self._type_reasons(row)})"
+                msg = fz.summarize(np.asarray(key[: fz.N_REASONS]))
+                if key[fz.UNIT_TYPE]:
+                    msg = f"{msg} ({self._type_reasons(row)})"
+                memo[key] = msg
             out[name] = msg
         return out
 
@@ -378,7 +408,8 @@ class _CandidateCache:
     sends the same list again and again: remember the last resolution per view."""
 
     def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
+        self.names: list[str] | None = None
+        self.version: tuple[int, int] = (-1, -1)
         self.value: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -387,18 +418,19 @@ def _resolve(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(candidate names, primary row per candidate or _UNKNOWN, row mask of candidates)."""
     cache: _CandidateCache = view.__dict__.setdefault("_cand_cache", _CandidateCache())
-    tkey = None if names is None else tuple(names)
-    key = (tkey, view.layout_version, view.n_rows)
-    if cache.key == key and cache.value is not None:
-        cand_row, mask = cache.value
-        cand_names = list(tkey) if tkey is not None else view.node_names
-        return cand_names, cand_row, mask
-    cand_names = list(tkey) if tkey is not None else view.node_names
+    version = (view.layout_version, view.n_rows)
+    if names is None:
+        names = view.node_names
+    elif not isinstance(names, list):
+        names = list(names)
+    if cache.version == version and cache.value is not None and cache.names == names:
+        return cache.names, *cache.value
+    cand_names = list(names)
     rows = [view.primary_row(n) for n in cand_names]
     cand_row = np.fromiter((_UNKNOWN if r is None else r for r in rows), np.intp, len(rows))
     mask = np.zeros(view.n_rows, dtype=bool)
     mask[cand_row[cand_row >= 0]] = True
-    cache.key, cache.value = key, (cand_row, mask)
+    cache.names, cache.version, cache.value = cand_names, version, (cand_row, mask)
     return cand_names, cand_row, mask
 
 
@@ -436,9 +468,10 @@ def decide(
 
     table = type_table(view.types, request, demand_model, config)
     tid = view.type_id[:, :r]
-    dsm = np.take(table.sm, tid, out=view.scratch("d_sm"))
-    dbw = np.take(table.bw, tid, out=view.scratch("d_bw"))
-    dmem = np.take(table.mem, tid, out=view.scratch("d_mem"))
+    # mode="clip": type ids are always in range, and skipping the bounds check halves the cost
+    dsm = np.take(table.sm, tid, out=view.scratch("d_sm"), mode="clip")
+    dbw = np.take(table.bw, tid, out=view.scratch("d_bw"), mode="clip")
+    dmem = np.take(table.mem, tid, out=view.scratch("d_mem"), mode="clip")
     lsm, lbw, lmem, stale = view.load_arrays(now, config.stale_after_s)
     active = view.active[:, :r].copy()
     healthy = view.healthy[:, :r].copy()
@@ -448,22 +481,25 @@ def decide(
     y = np.add(lsm, dsm, out=view.scratch("y"))
     x = np.add(lbw, dbw, out=view.scratch("x"))
     msum = np.add(lmem, dmem, out=view.scratch("m"))
-    type_bad = np.take(table.bad, tid)
-    mem_over = msum > mem_cap
-    pods_full = npods >= config.max_pods_per_unit
-    exclusive = npods > 0 if config.exclusive else None
-    sm_over = bw_over = slo_bad = None
-    ok = healthy & ~type_bad
-    ok &= ~mem_over
-    ok &= ~pods_full
-    if exclusive is not None:
-        ok &= ~exclusive
+    # Feasibility as "fits" masks ANDed in place; the reasons are derived lazily from them.
+    type_bad = np.take(table.bad, tid, mode="clip") if table.bad.any() else None
+    fits_mem = np.less_equal(msum, mem_cap)
+    ok = healthy & fits_mem
+    if type_bad is not None:
+        ok &= ~type_bad
+    has_room = np.less(npods, config.max_pods_per_unit)
+    ok &= has_room
+    empty = None
+    if config.exclusive:
+        empty = np.equal(npods, 0)
+        ok &= empty
+    fits_sm = fits_bw = slo_bad = None
     if config.policy != "binpack":
         bound = 1.0 + config.overcommit + _EPS
-        sm_over = y > bound
-        bw_over = x > bound
-        ok &= ~sm_over
-        ok &= ~bw_over
+        fits_sm = np.less_equal(y, bound)
+        fits_bw = np.less_equal(x, bound)
+        ok &= fits_sm
+        ok &= fits_bw
         if config.slo_check:
             slo_bad = _slo_violations(view, request, table, tid, dsm, lsm, x, y, config)
             if slo_bad is not None:
@@ -503,10 +539,10 @@ def decide(
     np.copyto(score, -np.inf, where=~ok)
 
     row_best = score.max(axis=0) if r else np.zeros(0)
-    best_j = np.zeros(r, dtype=np.intp)
-    fin = np.isfinite(row_best)
-    for j in range(view.K - 1, -1, -1):  # first unit column reaching the row's best
-        best_j[(score[j] == row_best) & fin] = j
+    # first unit column reaching the row's best (argmax along axis 0 is 2x slower than this)
+    best_j = np.full(r, view.K - 1, dtype=np.intp)
+    for j in range(view.K - 2, -1, -1):
+        np.copyto(best_j, j, where=score[j] == row_best)
     best_row = _fold_multi_row(view, row_best, best_j)
     node_best = row_best
     if node_val is not None:
@@ -555,11 +591,11 @@ def decide(
             "active": active,
             "healthy": healthy,
             "type_bad": type_bad,
-            "exclusive": exclusive,
-            "pods_full": pods_full,
-            "mem_over": mem_over,
-            "sm_over": sm_over,
-            "bw_over": bw_over,
+            "empty": empty,
+            "has_room": has_room,
+            "fits_mem": fits_mem,
+            "fits_sm": fits_sm,
+            "fits_bw": fits_bw,
             "slo_bad": slo_bad,
         },
         stale=stale,
@@ -586,6 +622,9 @@ def _slo_violations(
 ) -> np.ndarray | None:
     """Units where the pod's predicted slowdown breaks its SLO, or where the contention it adds
     exceeds the tolerance of an SLO-carrying pod already there (cluster_view._tolerance)."""
+    slo = request.slo
+    if slo.empty and not view.has_slo_pods():
+        return None
     r = view.n_rows
     bad = None
     ex = np.maximum(0.0, x - 1.0)
@@ -595,7 +634,6 @@ def _slo_violations(
             ux = np.where(ex > 0, ex / view.tol_x[:, :r], 0.0)
             uy = np.where(ey > 0, ey / view.tol_y[:, :r], 0.0)
         bad = ux + uy > 1.0 + 1e-9
-    slo = request.slo
     if slo.empty:
         return bad
     share = sm_share_fraction(request.role, dsm, lsm, config)

@@ -53,7 +53,7 @@ def reason_codes(
         (~healthy, UNHEALTHY),
     ):
         if mask is not None:
-            code[mask] = value
+            np.copyto(code, value, where=mask)
     return code
 
 
