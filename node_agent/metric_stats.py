@@ -5,18 +5,20 @@ time window (what the extender sizes headroom against: bursts, not the mean)."""
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import deque
 
 
 class MetricStats:
     """EWMA and windowed p95 of one metric of one unit. Not thread-safe: the sampler owns it."""
 
-    __slots__ = ("_ewma", "_halflife", "_last_t", "_values", "_window")
+    __slots__ = ("_ewma", "_halflife", "_last_t", "_sorted", "_values", "_window")
 
     def __init__(self, halflife_s: float, window_s: float) -> None:
         self._halflife = halflife_s
         self._window = window_s
         self._values: deque[tuple[float, float]] = deque()
+        self._sorted: list[float] = []  # the window's values, kept sorted (p95 in O(1))
         self._ewma: float | None = None
         self._last_t: float | None = None
 
@@ -31,9 +33,11 @@ class MetricStats:
             self._ewma += alpha * (value - self._ewma)
         self._last_t = t
         self._values.append((t, value))
+        insort(self._sorted, value)
         cutoff = t - self._window
         while self._values and self._values[0][0] < cutoff:
-            self._values.popleft()
+            _, old = self._values.popleft()
+            del self._sorted[bisect_left(self._sorted, old)]
 
     @property
     def ewma(self) -> float | None:
@@ -41,8 +45,7 @@ class MetricStats:
 
     def p95(self) -> float | None:
         """Nearest-rank 95th percentile of the readings in the window."""
-        n = len(self._values)
+        n = len(self._sorted)
         if n == 0:
             return None
-        ordered = sorted(v for _, v in self._values)
-        return ordered[max(0, math.ceil(0.95 * n) - 1)]
+        return self._sorted[max(0, math.ceil(0.95 * n) - 1)]

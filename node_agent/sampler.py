@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pynvml
@@ -31,7 +31,6 @@ import pynvml
 from node_agent import unit_shape
 from node_agent.metric_stats import MetricStats
 from node_agent.readings import (
-    ABSENT,
     METRICS,
     SOURCE_COARSE,
     SOURCE_GPM,
@@ -66,6 +65,33 @@ _SESSION_ERRORS = frozenset(
 )
 # Errors on a MIG unit that mean its instance may have been destroyed (re-partition).
 _LAYOUT_ERRORS = frozenset({pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_ERROR_INVALID_ARGUMENT})
+
+
+class _GpmMetricView(ctypes.Structure):
+    """nvmlGpmMetric_t without pynvml's slow attribute hooks, laid over the same memory."""
+
+    _fields_ = [
+        ("metricId", ctypes.c_uint),
+        ("nvmlReturn", ctypes.c_int),
+        ("value", ctypes.c_double),
+        ("shortName", ctypes.c_char_p),
+        ("longName", ctypes.c_char_p),
+        ("unit", ctypes.c_char_p),
+    ]
+
+
+def _new_metrics_get() -> tuple[Any, Any]:
+    """One reusable nvmlGpmMetricsGet_t with our metric ids set once, plus a fast view of its
+    first len(GPM_METRIC_IDS) result slots."""
+    mg = pynvml.c_nvmlGpmMetricsGet_t()
+    mg.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+    mg.numMetrics = len(GPM_METRIC_IDS)
+    offset = pynvml.c_nvmlGpmMetricsGet_t.metrics.offset
+    assert ctypes.sizeof(_GpmMetricView) == ctypes.sizeof(pynvml.c_nvmlGpmMetric_t)
+    view = (_GpmMetricView * len(GPM_METRIC_IDS)).from_address(ctypes.addressof(mg) + offset)
+    for i, mid in enumerate(GPM_METRIC_IDS):
+        view[i].metricId = mid
+    return mg, view
 
 
 def _nvml_error_text(e: pynvml.NVMLError) -> str:
@@ -162,7 +188,7 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._tick_lock = threading.Lock()
-        self._metrics_get = pynvml.c_nvmlGpmMetricsGet_t()
+        self._metrics_get, self._metrics_view = _new_metrics_get()
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------- public API
@@ -574,18 +600,14 @@ class Sampler:
         if before - u.prev_after < GPM_MIN_GAP_S:
             return  # too close to diff reliably: keep the older sample, carry last values
         mg = self._metrics_get
-        mg.version = pynvml.NVML_GPM_METRICS_GET_VERSION
-        mg.numMetrics = len(GPM_METRIC_IDS)
         mg.sample1 = u.prev_sample
         mg.sample2 = sample
-        for i, mid in enumerate(GPM_METRIC_IDS):
-            mg.metrics[i].metricId = mid
         pynvml.nvmlGpmMetricsGet(mg)
         values: dict[str, float | None] = {}
-        for i, name in enumerate(METRICS):
-            m = mg.metrics[i]
-            ok = m.nvmlReturn == pynvml.NVML_SUCCESS and math.isfinite(m.value)
-            values[name] = min(max(m.value / 100.0, 0.0), 1.0) if ok else None
+        for name, m in zip(METRICS, self._metrics_view, strict=True):
+            v = m.value
+            ok = m.nvmlReturn == 0 and math.isfinite(v)
+            values[name] = min(max(v / 100.0, 0.0), 1.0) if ok else None
         u.values = values
         u.prev_sample, u.spare_sample, u.prev_after = sample, u.prev_sample, after
 
@@ -628,24 +650,22 @@ class Sampler:
         return snap
 
     def _reading(self, u: _Unit) -> UnitReading:
-        r = UnitReading(
+        metrics = {}
+        if u.healthy:
+            for name in METRICS:
+                v = u.values.get(name)
+                if v is None:
+                    continue
+                st = u.stats.get(name)
+                metrics[name] = MetricReading(v, st.ewma if st else v, st.p95() if st else v)
+        return UnitReading(
             uuid=u.uuid, parent_uuid=u.parent_uuid, gpu_index=u.gpu_index,
             mig_profile=u.mig_profile, gpu_instance_id=u.gi_id, product=u.product,
             sm_count=u.sm_count, sm_share=u.sm_share, bandwidth_share=u.bw_share,
             memory_total_bytes=u.memory_total, healthy=u.healthy, source=u.source,
             timestamp=u.timestamp, error=u.error,
+            memory_used_bytes=u.memory_used if u.healthy else 0, **metrics,
         )
-        if not u.healthy:
-            return r
-        metrics = {}
-        for name in METRICS:
-            v = u.values.get(name)
-            if v is None:
-                metrics[name] = ABSENT
-                continue
-            st = u.stats.get(name)
-            metrics[name] = MetricReading(v, st.ewma if st else v, st.p95() if st else v)
-        return replace(r, memory_used_bytes=u.memory_used, **metrics)
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
