@@ -98,3 +98,128 @@ def upstream_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
             network_backend=CoalescingBackend(),
         )
     return transport
+
+
+class UpstreamError(Exception):
+    """A failed call to a backend: `kind` is connect, timeout or protocol."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def upstream_error(e: Exception) -> UpstreamError:
+    """Classify an httpcore exception (timeouts first: ConnectTimeout is also a timeout)."""
+    text = str(e).strip()
+    message = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    if isinstance(e, httpcore.TimeoutException):
+        return UpstreamError("timeout", message)
+    if isinstance(e, httpcore.ConnectError):
+        return UpstreamError("connect", message)
+    return UpstreamError("protocol", message)
+
+
+UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+
+
+class Upstream:
+    """The hot path to the backends on httpcore (httpx's engine) directly.
+
+    httpx's request/response models, URL parsing and header normalisation cost more CPU per
+    request than the proxy's own work; the two calls of every P/D request skip them and send
+    prebuilt URLs and headers through a coalescing connection pool.
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            network_backend=CoalescingBackend(),
+        )
+        self._urls: dict[tuple[str, str], tuple[httpcore.URL, bytes]] = {}
+
+    def _url(self, base: str, path: str) -> tuple[httpcore.URL, bytes]:
+        key = (base, path)
+        hit = self._urls.get(key)
+        if hit is None:
+            parsed = httpx.URL(base + path)
+            url = httpcore.URL(
+                scheme=parsed.raw_scheme,
+                host=parsed.raw_host,
+                port=parsed.port,
+                target=parsed.raw_path,
+            )
+            hit = (url, parsed.netloc)
+            if len(self._urls) > 4096:  # backends come and go under discovery
+                self._urls.clear()
+            self._urls[key] = hit
+        return hit
+
+    def _request(
+        self,
+        base: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        connect_s: float,
+        read_s: float,
+    ) -> httpcore.Request:
+        url, host = self._url(base, path)
+        all_headers = [
+            (b"host", host),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+        ]
+        timeouts = {"connect": connect_s, "read": read_s, "write": read_s, "pool": connect_s}
+        return httpcore.Request(
+            b"POST", url, headers=all_headers, content=body, extensions={"timeout": timeouts}
+        )
+
+    async def open(
+        self,
+        base: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        connect_s: float,
+        read_s: float,
+    ) -> httpcore.Response:
+        """Send a POST and return once the answer's headers are in; the caller reads the
+        body (`aiter_stream`/`aread`) and must `aclose` it. Raises UpstreamError."""
+        request = self._request(base, path, body, headers, connect_s, read_s)
+        try:
+            return await self._pool.handle_async_request(request)
+        except UPSTREAM_ERRORS as e:
+            raise upstream_error(e) from None
+
+    async def post(
+        self,
+        base: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        connect_s: float,
+        read_s: float,
+    ) -> tuple[int, bytes, bytes]:
+        """POST and read the whole answer: (status, content-type, body). Raises UpstreamError."""
+        response = await self.open(base, path, body, headers, connect_s=connect_s, read_s=read_s)
+        try:
+            content = await response.aread()
+        except UPSTREAM_ERRORS as e:
+            raise upstream_error(e) from None
+        finally:
+            await response.aclose()
+        return response.status, content_type(response), content
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+def content_type(response: httpcore.Response, default: bytes = b"application/json") -> bytes:
+    for k, v in response.headers:
+        if k.lower() == b"content-type":
+            return v
+    return default

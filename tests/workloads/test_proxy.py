@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -273,3 +274,23 @@ def test_pool_prefers_fewest_outstanding_and_rotates_ties() -> None:
 def test_bad_backend_urls_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="backend URL"):
         normalize_url(bad)
+
+
+def test_client_leaving_midstream_frees_the_decode_backend(rig: Rig) -> None:
+    b = rig.decode[0][1].behaviour
+    b.tokens, b.token_delay_s = 200, 0.05
+    body = {"model": "m", "prompt": "a", "stream": True}
+    with httpx.Client(base_url=rig.url, timeout=30) as c, c.stream(
+        "POST", "/v1/completions", json=body
+    ) as r:
+        first = next(r.iter_raw())
+        assert first.startswith(b"data: ")
+    # The proxy notices at the next chunk, stops reading and releases the backend long
+    # before the 200 tokens (10 s) would have been streamed.
+    for _ in range(200):
+        decode = rig.client.get("/health").json()["decode"][0]
+        if decode["outstanding"] == 0:
+            break
+        time.sleep(0.02)
+    assert decode["outstanding"] == 0
+    assert decode["served"] == 0  # not counted as a completed answer
