@@ -137,14 +137,13 @@ class Decision:
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
 
-    @cached_property
-    def chosen(self) -> tuple[str, str] | None:
-        row = self.chosen_row
-        if row < 0:
+    chosen: tuple[str, str] | None  # (node, unit uuid), resolved when decided
+
+    def _uuid(self, slot: tuple[int, int]) -> str | None:
+        """The unit in a slot, or None if the view's layout changed since the decision."""
+        if self.view.layout_version != self.layout_version:
             return None
-        nid = int(self.view.row_node[row])
-        slot = (int(self.best_j[row]), int(self.best_row[row]))
-        return self.view.node_name_by_id(nid), self.view.slot_uuid[slot]
+        return self.view.slot_uuid.get(slot)
 
     @cached_property
     def _feasible_mask(self) -> np.ndarray:
@@ -185,8 +184,12 @@ class Decision:
     def best_unit(self) -> dict[str, str]:
         rows = self._feasible_rows
         slots = zip(self.best_j[rows].tolist(), self.best_row[rows].tolist(), strict=True)
-        uu = self.view.slot_uuid
-        return {n: uu[s] for n, s in zip(self.feasible_nodes, slots, strict=True)}
+        out = {}
+        for n, slot in zip(self.feasible_nodes, slots, strict=True):
+            uuid = self._uuid(slot)
+            if uuid is not None:
+                out[n] = uuid
+        return out
 
     @cached_property
     def reason_codes(self) -> np.ndarray:
@@ -211,7 +214,7 @@ class Decision:
         flat = code.astype(np.intp) * r + np.arange(r, dtype=np.intp)
         counts = np.bincount(flat.ravel(), minlength=fz.N_REASONS * r).reshape(fz.N_REASONS, r).T
         counts = np.ascontiguousarray(counts)
-        for rows in self.view.multi_row_nodes.values():
+        for rows in self.multi_rows.values():
             counts[rows[0]] = counts[rows].sum(axis=0)
         return counts
 
@@ -223,7 +226,7 @@ class Decision:
         tid = self.view.type_id[:, : self.rows]
         for t in np.flatnonzero(self.table.bad).tolist():
             rows = (unit_type & (tid == t)).any(axis=0)
-            for rs in self.view.multi_row_nodes.values():
+            for rs in self.multi_rows.values():
                 rows[rs[0]] = rows[rs].any()
             out[t] = rows
         return out
@@ -266,7 +269,7 @@ class Decision:
     def stale_nodes(self) -> list[str]:
         """Candidate nodes with a unit whose telemetry is stale (declared demand used)."""
         stale_rows = (self.stale & self.masks["active"]).any(axis=0)
-        for rows in self.view.multi_row_nodes.values():
+        for rows in self.multi_rows.values():
             stale_rows[rows[0]] = stale_rows[rows].any()
         out = []
         for name, row in zip(self.candidates, self.cand_row.tolist(), strict=True):
@@ -286,21 +289,26 @@ class Decision:
         if row is None or row >= len(self.node_best) or not math.isfinite(self.node_best[row]):
             return None
         slot = (int(self.best_j[row]), int(self.best_row[row]))
-        uuid = self.view.slot_uuid[slot]
+        uuid = self._uuid(slot)
+        if uuid is None:
+            return None
         tid = int(self.view.type_id[slot])
         d = self.table.demands[tid]
         assert d is not None
-        share = sm_share(self.request.role, d.sm, float(self.slot_load_sm(slot)), self.config)
+        if slot == self.chosen_slot:
+            load_sm = float(self.chosen_load[0])
+        else:
+            load_sm = float(self._load(uuid)["sm"])
+        share = sm_share(self.request.role, d.sm, load_sm, self.config)
         score = int(self.node_score[row])
         return Placement(node, uuid, d, share, self.table.timings[tid], score)
 
-    def slot_load_sm(self, slot: tuple[int, int]) -> float:
-        return float(self.chosen_load[0]) if slot == self.chosen_slot else self._load_now(slot)[0]
-
-    def _load_now(self, slot: tuple[int, int]) -> tuple[float, float, float]:
-        uuid = self.view.slot_uuid[slot]
-        ld = self.view.unit_load(uuid, self.now, self.config.stale_after_s)
-        return ld["sm"], ld["bw"], ld["mem_bytes"]
+    def _load(self, uuid: str) -> dict[str, Any]:
+        """The unit's load now (explanations read the live view), or a note if it is gone."""
+        try:
+            return self.view.unit_load(uuid, self.now, self.config.stale_after_s)
+        except KeyError:
+            return {"gone": True, "sm": 0.0, "bw": 0.0, "mem_bytes": 0, "mem_capacity_bytes": 1}
 
     def explain(self, limit: int = 200) -> dict[str, Any]:
         """JSON-able account: the pod, its demand per unit type, the chosen unit with its load,
@@ -320,8 +328,12 @@ class Decision:
             out["refused"] = self.refusal
             return out
         view = self.view
-        active = self.masks["active"]
-        types_used = sorted(set(view.type_id[:, : self.rows][active].tolist()))
+        n_types = len(self.table.why) if view.types else 0
+        if view.layout_version == self.layout_version:
+            active = self.masks["active"]
+            types_used = sorted(set(view.type_id[:, : self.rows][active].tolist()))
+        else:  # units changed since: list every type the decision knew
+            types_used = list(range(n_types))
         demand_by_type: dict[str, Any] = {}
         for t in types_used:
             ut = view.types[t]
@@ -333,11 +345,16 @@ class Decision:
                 info["cannot_host"] = self.table.why[t]
             demand_by_type[str(ut)] = info
         out["demand_by_type"] = demand_by_type
-        if self.chosen is not None:
+        p = self.placement() if self.chosen is not None else None
+        if self.chosen is not None and p is None:
+            out["chosen"] = {
+                "node": self.chosen[0],
+                "unit": self.chosen[1],
+                "note": "the cluster's units changed since this decision",
+            }
+        if self.chosen is not None and p is not None:
             node, uuid = self.chosen
-            p = self.placement(node)
-            assert p is not None
-            load = view.unit_load(uuid, self.now, self.config.stale_after_s)
+            load = self._load(uuid)
             d = p.demand
             cap = float(load["mem_capacity_bytes"])
             after = {
@@ -363,7 +380,7 @@ class Decision:
         stale = set(self.stale_nodes)
         for name in self.candidates:
             if name in scores:
-                nodes[name] = {"score": scores[name], "best_unit": best[name]}
+                nodes[name] = {"score": scores[name], "best_unit": best.get(name)}
             else:
                 nodes[name] = {"reason": failed.get(name, "")}
             if name in stale:
@@ -372,24 +389,26 @@ class Decision:
         code = self.reason_codes
         cand_rows = np.zeros(self.rows, dtype=bool)
         for row in self.cand_row[self.cand_row >= 0].tolist():
-            for r in view.multi_row_nodes.get(int(view.row_node[row]), [row]):
+            for r in self.multi_rows.get(int(view.row_node[row]), [row]):
                 cand_rows[r] = True
         rej = (code != fz.OK) & cand_rows[None, :]
         rejected = []
         js, rs = np.nonzero(rej)
         for j, r in list(zip(js.tolist(), rs.tolist(), strict=True))[:limit]:
             slot = (j, r)
+            uuid = self._uuid(slot)
+            if uuid is None:
+                continue
             c = int(code[slot])
             why = fz.REASONS[c]
             if c == fz.UNIT_TYPE:
                 why += ": " + self.table.why[int(view.type_id[slot])]
-            uuid = view.slot_uuid[slot]
             rejected.append(
                 {
                     "node": view.node_name_by_id(int(view.row_node[r])),
                     "unit": uuid,
                     "reason": why,
-                    "load": view.unit_load(uuid, self.now, self.config.stale_after_s),
+                    "load": self._load(uuid),
                 }
             )
         out["rejected_units"] = rejected
@@ -572,9 +591,14 @@ def decide(
             )
     chosen_slot = (-1, -1)
     chosen_load = (0.0, 0.0, 0.0)
+    chosen = None
     if chosen_row >= 0:
         chosen_slot = (int(best_j[chosen_row]), int(best_row[chosen_row]))
         chosen_load = (float(lsm[chosen_slot]), float(lbw[chosen_slot]), float(lmem[chosen_slot]))
+        chosen = (
+            view.node_name_by_id(int(view.row_node[chosen_row])),
+            view.slot_uuid[chosen_slot],
+        )
 
     return Decision(
         view=view,
@@ -603,8 +627,11 @@ def decide(
         node_score=node_score,
         best_j=best_j,
         best_row=best_row,
+        chosen=chosen,
+        multi_rows={k: list(v) for k, v in view.multi_row_nodes.items()},
         chosen_row=chosen_row,
         chosen_slot=chosen_slot,
+        layout_version=view.layout_version,
         chosen_load=chosen_load,
     )
 

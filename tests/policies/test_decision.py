@@ -276,3 +276,20 @@ def test_config_validation() -> None:
     c = PolicyConfig.from_dict({"policy": "spread", "overcommit": "0.5", "slo_check": False})
     assert c.policy == "spread" and c.overcommit == 0.5 and not c.slo_check
     assert PolicyConfig.from_dict(c.to_dict()) == c
+
+
+def test_old_decision_survives_a_changed_view(demand_model: DemandModel) -> None:
+    """The extender keeps recent decisions (prioritize reuses filter's); a re-partition in
+    between must not turn their lazy answers into crashes."""
+    v = three_gpus(demand_model)
+    d = decide(
+        v, req("pre1", "prefill", rps=3.0), ["a", "b", "c"], NOW, PolicyConfig(), demand_model
+    )
+    v.set_node("a", [mig_unit("a", 0, 0, "3g.40gb"), mig_unit("a", 0, 1, "3g.40gb")])
+    v.remove_node("b")
+    assert d.chosen == ("a", "GPU-a-0")  # resolved when decided
+    assert set(d.scores) == {"a", "b", "c"}
+    assert d.best_unit == {}  # slots no longer mean the same units: nothing rather than wrong
+    assert d.placement() is None
+    e = json.loads(json.dumps(d.explain()))
+    assert e["chosen"]["note"].startswith("the cluster's units changed")
