@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from policies.cluster_view import ClusterView
 from policies.config import PolicyConfig
 from policies.decision import decide
-from policies.model import Demand, DemandOverride, PodRequest, UnitType
+from policies.model import Demand, DemandOverride, LoadSpec, PodRequest, Slo, UnitType
 from tests.policies.conftest import H100, mig_unit, whole_gpu
 from workloads.mig_catalog import mig_profile
 from workloads.roofline import DemandModel, unit_shape
@@ -273,3 +273,60 @@ def test_mig_demand_is_the_full_gpu_demand_over_the_profile_share(pod, profile) 
     assert abs(part.sm * shape.sm_fraction - whole.sm) < 1e-12
     assert abs(part.bw * shape.bw_fraction - whole.bw) < 1e-12
     assert part.mem_bytes == whole.mem_bytes
+
+
+slo_pod = st.tuples(
+    st.sampled_from(("prefill", "decode", "mixed")),
+    st.sampled_from((0.2, 0.5, 1.0, 2.0, 4.0)),  # rps
+    st.sampled_from((512, 1024, 2048)),  # prompt
+    st.none() | st.floats(1.05, 3.0),  # SLO as a multiple of the predicted time alone
+)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(pods=st.lists(slo_pod, min_size=2, max_size=14), gpus=st.integers(1, 3))
+def test_slos_hold_after_every_placement(pods, gpus) -> None:
+    """Under overcommit, place SLO-carrying model pods one after another; at the end every
+    pod's predicted time, with the contention of everything placed after it, keeps its SLO."""
+    from policies.contention import slowdown_factor
+
+    v = ClusterView()
+    v.set_node("n", [whole_gpu("n", i) for i in range(gpus)])
+    cfg = PolicyConfig(overcommit=1.0, max_pods_per_unit=8)
+    ut = UnitType(H100)
+    placed: list[tuple[PodRequest, str, int]] = []
+    for k, (role, rps, prompt, mult) in enumerate(pods):
+        probe = PodRequest(
+            "ns",
+            f"p{k}",
+            role=role,
+            model="meta-llama/Llama-3.1-8B-Instruct",
+            load=LoadSpec(rps, prompt, 128),
+        )
+        t = DM.timing(probe, ut)
+        assert t is not None
+        slo = Slo()
+        if mult is not None:
+            slo = Slo(ttft_s=t.ttft_s * mult) if role != "decode" else Slo(tpot_s=t.tpot_s * mult)
+        r = PodRequest("ns", f"p{k}", role=role, model=probe.model, load=probe.load, slo=slo)
+        d = decide(v, r, None, NOW, cfg, DM)
+        p = d.placement()
+        if p is None:
+            continue
+        v.place(
+            r.key, p.unit, p.demand, NOW, role=role, sm_share=p.sm_share, request=r, timing=p.timing
+        )
+        placed.append((r, p.unit, p.sm_share))
+    for r, unit, share in placed:
+        if r.slo.empty:
+            continue
+        ld = v.unit_load(unit, NOW, cfg.stale_after_s)
+        event(f"SLO pod on a unit over 1.0: {max(ld['bw'], ld['sm']) > 1.0}")
+        t = DM.timing(r, ut)
+        assert t is not None
+        if r.slo.ttft_s is not None:
+            f = slowdown_factor(t.a_prefill, t.mem_frac_prefill, share / 100, ld["bw"], ld["sm"])
+            assert t.ttft_s * f <= r.slo.ttft_s * (1 + 1e-6)
+        if r.slo.tpot_s is not None:
+            f = slowdown_factor(t.a_decode, t.mem_frac_decode, share / 100, ld["bw"], ld["sm"])
+            assert t.tpot_s * f <= r.slo.tpot_s * (1 + 1e-6)
