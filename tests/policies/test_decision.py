@@ -293,3 +293,12 @@ def test_old_decision_survives_a_changed_view(demand_model: DemandModel) -> None
     assert d.placement() is None
     e = json.loads(json.dumps(d.explain()))
     assert e["chosen"]["note"].startswith("the cluster's units changed")
+
+
+def test_empty_cluster(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    r = PodRequest("ns", "p", role="decode")
+    d = decide(v, r, ["nowhere"], NOW, PolicyConfig(), demand_model)
+    assert d.chosen is None and d.scores == {} and "unknown node" in d.failed_nodes["nowhere"]
+    assert decide(v, r, None, NOW, PolicyConfig(), demand_model).failed_nodes == {}
+    assert json.loads(json.dumps(d.explain()))["nodes"]["nowhere"]["reason"]
