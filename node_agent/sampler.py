@@ -142,6 +142,7 @@ class _Unit:
     gpm: bool
     coarse: bool
     healthy: bool = True
+    gpm_broken: bool = False  # GPM advertised but its calls are not supported: stay off it
     error: str = ""
     source: str = ""
     memory_used: int = 0
@@ -391,7 +392,8 @@ class Sampler:
             old = self._units.get(uuid)
             if old is not None and old.static_key() == new.static_key() and old.handle is not None:
                 old.handle, old.parent_handle = new.handle, new.parent_handle
-                old.gpm, old.coarse = new.gpm, new.coarse
+                if not old.gpm_broken:
+                    old.gpm, old.coarse = new.gpm, new.coarse
                 merged[uuid] = old
             else:
                 if old is not None:
@@ -562,9 +564,22 @@ class Sampler:
         mem = pynvml.nvmlDeviceGetMemoryInfo(u.handle, version=pynvml.nvmlMemory_v2)
         u.memory_used = int(mem.used)
         u.timestamp = self._clock()
+        fresh = True
         if u.gpm:
             u.source = SOURCE_GPM
-            self._read_gpm(u)
+            try:
+                fresh = self._read_gpm(u)
+            except pynvml.NVMLError as e:
+                if e.value not in (pynvml.NVML_ERROR_NOT_SUPPORTED,
+                                   pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+                    raise
+                # GPM advertised but not usable (old driver, missing symbol): fall back.
+                self._warn_once(f"gpm:{u.uuid}", "GPM unusable on %s (%s): falling back to %s",
+                                u.uuid, _nvml_error_text(e),
+                                "coarse utilization" if u.gi_id is None else "no activity")
+                self._free_samples(u)
+                u.gpm, u.coarse, u.gpm_broken = False, u.gi_id is None, True
+                return self._read_unit(u)
         elif u.coarse:
             u.source = SOURCE_COARSE
             util = pynvml.nvmlDeviceGetUtilizationRates(u.handle)
@@ -573,6 +588,8 @@ class Sampler:
         else:
             u.source = SOURCE_NONE
             u.values = {}
+        if not fresh:
+            return  # GPM values carried over: do not count them twice in EWMA and p95
         t = time.monotonic()
         for name in METRICS:
             v = u.values.get(name)
@@ -583,7 +600,9 @@ class Sampler:
                                                      self.config.window_s)
                 st.add(t, v)
 
-    def _read_gpm(self, u: _Unit) -> None:
+    def _read_gpm(self, u: _Unit) -> bool:
+        """Take this tick's GPM sample and diff it against the previous one; True when new
+        values came out (False on the first sample and when the samples were too close)."""
         if u.spare_sample is None:
             u.spare_sample = pynvml.nvmlGpmSampleAlloc()
         sample = u.spare_sample
@@ -596,9 +615,9 @@ class Sampler:
         if u.prev_sample is None:
             u.prev_sample, u.prev_after, u.spare_sample = sample, after, None
             u.values = {}
-            return
+            return False
         if before - u.prev_after < GPM_MIN_GAP_S:
-            return  # too close to diff reliably: keep the older sample, carry last values
+            return False  # too close to diff reliably: keep the older sample, carry last values
         mg = self._metrics_get
         mg.sample1 = u.prev_sample
         mg.sample2 = sample
@@ -610,6 +629,7 @@ class Sampler:
             values[name] = min(max(v / 100.0, 0.0), 1.0) if ok else None
         u.values = values
         u.prev_sample, u.spare_sample, u.prev_after = sample, u.prev_sample, after
+        return True
 
     # ---------------------------------------------------------------- publishing
     def _publish(self, tick_seconds: float) -> Snapshot:

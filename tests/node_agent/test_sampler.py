@@ -316,3 +316,15 @@ def test_sampling_loop_runs_on_its_thread(nvml, make_sampler):
                what="the loop's readings")
     seq = s.latest().sequence
     wait_until(lambda: s.latest().sequence > seq + 2, what="more ticks")
+
+
+def test_gpm_advertised_but_unusable_falls_back_to_coarse(nvml, make_sampler):
+    g = fake.gpu("H100", 0, gpm=fake.gpm(sm=50), utilization=(66, 33),
+                 errors={"nvmlGpmSampleGet": "FUNCTION_NOT_FOUND"})
+    nvml.write(fake.scenario([g]))
+    s = make_sampler(rescan_interval_s=0.0)  # a rescan every tick must not switch GPM back on
+    ticks(s, 3)
+    u = s.latest().units[0]
+    assert u.healthy and u.source == SOURCE_COARSE
+    assert u.sm_active.value == pytest.approx(0.66) and not u.tensor_active.present
+    assert nvml.live_samples() == 0
