@@ -107,8 +107,10 @@ def test_gpm_step_timeline_is_time_weighted_like_real_counters(nvml, make_sample
     s = make_sampler()
     ticks(s, 2)
     seen = [s.latest().units[0].sm_active.value]
-    wait_until(lambda: seen.append(s.tick().units[0].sm_active.value) or seen[-1] == 0.8,
-               what="the second step")
+    wait_until(
+        lambda: seen.append(s.tick().units[0].sm_active.value) or seen[-1] == pytest.approx(0.8),
+        what="the second step",
+    )
     assert all(0.2 - 1e-9 <= v <= 0.8 + 1e-9 for v in seen if v is not None)
 
 
@@ -312,8 +314,10 @@ def test_sampling_loop_runs_on_its_thread(nvml, make_sampler):
     nvml.write(fake.scenario([fake.gpu("H100", 0, gpm=fake.gpm(sm=25))]))
     s = make_sampler()
     s.start()
-    wait_until(lambda: (snap := s.latest()) and snap.units[0].sm_active.value == 0.25,
-               what="the loop's readings")
+    wait_until(
+        lambda: (snap := s.latest()) and snap.units[0].sm_active.value == pytest.approx(0.25),
+        what="the loop's readings",
+    )
     seq = s.latest().sequence
     wait_until(lambda: s.latest().sequence > seq + 2, what="more ticks")
 
