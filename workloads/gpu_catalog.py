@@ -110,13 +110,13 @@ GPUS: dict[str, GpuSpec] = {
             mig_capable=True,
             architecture="ampere",
         ),
-        # L40S: NVIDIA L40S datasheet: BF16 733 TFLOPS sparse -> 366 dense; 864 GB/s GDDR6;
+        # L40S: NVIDIA L40S datasheet: BF16 362.05 TFLOPS dense (733 with sparsity); 864 GB/s GDDR6;
         # 142 SMs (Ada whitepaper, AD102 with 142 SMs enabled); 48 GB, NVML total 46068 MiB.
         # No MIG; GPM not supported (isSupportedDevice=0, FACTS.md).
         GpuSpec(
             key="L40S",
             nvml_names=("NVIDIA L40S",),
-            bf16_flops=366.5e12,
+            bf16_flops=362.05e12,
             hbm_bw=0.864e12,
             sm_count=142,
             memory_bytes=46068 * MiB,
@@ -137,14 +137,14 @@ GPUS: dict[str, GpuSpec] = {
             mig_capable=False,
             architecture="ada",
         ),
-        # B200 (HGX B200): NVIDIA HGX B200 datasheet: FP16/BF16 4.5 PFLOPS sparse per GPU ->
-        # 2.25 dense; 8 TB/s HBM3e (7.7 TB/s in the HGX spec sheet: we use 7.7); 148 SMs
-        # (2 dies x 74); 180 GB usable (MIG user guide lists B200 180GB), NVML total 183359 MiB.
+        # B200 (HGX B200): NVIDIA HGX B200 spec (per GPU, 1,000 W): FP16/BF16 tensor 4.5 PFLOPS
+        # sparse -> 2.25 dense; 8 TB/s HBM3e (64 TB/s per 8-GPU board); 148 SMs (2 dies x 74);
+        # 180 GB (MIG user guide lists B200 180GB); NVML total 183359 MiB ("179 GB" in nvidia-smi).
         GpuSpec(
             key="B200",
             nvml_names=("NVIDIA B200",),
             bf16_flops=2.25e15,
-            hbm_bw=7.7e12,
+            hbm_bw=8.0e12,
             sm_count=148,
             memory_bytes=183359 * MiB,
             gpm_supported=True,
