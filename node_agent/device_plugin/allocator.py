@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from policies.inventory import InventoryUnit
 log = logging.getLogger(__name__)
 
 REBUILT = "rebuilt-from-pod-resources"
+FETCH_ATTEMPTS = 3
+FETCH_RETRY_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class Allocator:
         for key in keys:
             ns, _, name = key.partition("/")
             try:
-                fresh = self._cache.fetch(ns, name)
+                fresh = self._fetch_retrying(ns, name)
             except Exception as e:
                 log.warning("cannot read pod %s from the API: %s", key, e)
                 continue
@@ -111,6 +114,17 @@ class Allocator:
                 pods.pop(key, None)
             else:
                 pods[key] = fresh
+
+    def _fetch_retrying(self, namespace: str, name: str) -> PodView | None:
+        """A transient API error here would fail the pod's admission for good: try thrice."""
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                return self._cache.fetch(namespace, name)
+            except Exception:
+                if attempt == FETCH_ATTEMPTS - 1:
+                    raise
+                time.sleep(FETCH_RETRY_S * (attempt + 1))
+        return None
 
     def _pods_for(self, view: KubeletView | None) -> dict[str, PodView]:
         """Cached pods, plus fresh reads of pods the kubelet lists before our watch shows them
