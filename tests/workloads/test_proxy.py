@@ -294,3 +294,23 @@ def test_client_leaving_midstream_frees_the_decode_backend(rig: Rig) -> None:
         time.sleep(0.02)
     assert decode["outstanding"] == 0
     assert decode["served"] == 0  # not counted as a completed answer
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "no decode backends"),
+        (["--decode", "ftp://x"], "backend URL"),
+        (["--decode", "h:1", "--decode-selector", "a=b"], "not both"),
+        (["--decode", "h:1", "--prefill", "h:2", "--prefill-selector", "a=b"], "not both"),
+        (["--decode", "h:1", "--prefill-timeout", "0"], "--prefill-timeout must be positive"),
+    ],
+)
+def test_proxy_cli_refuses_bad_options(args: list[str], fragment: str) -> None:
+    from typer.testing import CliRunner
+
+    from copack.cli import app
+
+    result = CliRunner().invoke(app, ["workload", "proxy", *args])
+    assert result.exit_code == 2
+    assert fragment in result.output and "Traceback" not in result.output
