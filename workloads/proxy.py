@@ -220,7 +220,8 @@ class _StreamStats:
 
 
 class PDProxy:
-    """Holds the pools, the HTTP client and the metrics; `app` is the FastAPI application."""
+    """Holds the pools, the upstream clients and the metrics; `app` is the ASGI application
+    (completions on a hot path, everything else through the FastAPI app `api`)."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -368,9 +369,14 @@ class PDProxy:
                 ),
             )
             ok = resp.status_code < 500
+            if not ok:
+                self._backend_error(pool, backend, "http_5xx")
+                answer = _snippet(resp.content)
+                msg = f"{backend.role} backend answered {resp.status_code}: {answer}"
+                return _error_response(ProxyError(502, msg, backend=backend.url))
             return Response(
                 resp.content,
-                status_code=resp.status_code if ok else 502,
+                status_code=resp.status_code,
                 media_type=resp.headers.get("content-type", "application/json"),
             )
         except httpx.TimeoutException:

@@ -133,6 +133,8 @@ def create_stub_app(name: str, state: StubState | None = None) -> tuple[FastAPI,
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
+        if st.behaviour.mode == "error500":
+            return Response(b"tokenizer exploded", status_code=500)
         body = orjson.loads(await request.body())
         words = str(body.get("prompt", "")).split()
         # Two tokens per word: lets tests see that calibration uses the server's count.

@@ -314,3 +314,14 @@ def test_proxy_cli_refuses_bad_options(args: list[str], fragment: str) -> None:
     result = CliRunner().invoke(app, ["workload", "proxy", *args])
     assert result.exit_code == 2
     assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_simple_forward_of_a_failing_backend_is_a_json_502(rig: Rig) -> None:
+    rig.prefill[0][1].behaviour.mode = "error500"
+    r = rig.client.post("/tokenize", json={"prompt": "a"})
+    assert r.status_code == 502
+    assert "answered 500: tokenizer exploded" in r.json()["error"]["message"]
+    rig.prefill[0][0].stop()
+    r = rig.client.post("/tokenize", json={"prompt": "a"})
+    assert r.status_code == 502
+    assert r.json()["error"]["backend"] == rig.prefill[0][0].url
