@@ -37,6 +37,10 @@ def parse_rfc3339(text: str | None) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def _aware(t: datetime | None) -> datetime | None:
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
 def _gpu_count(container: Any) -> int:
     """The container's `copack.io/gpu` count (limits, else requests: equal for extended
     resources). A non-integer quantity counts as 0: the API server rejects those anyway."""
@@ -114,7 +118,7 @@ class PodView:
             node=spec.node_name if spec else None,
             phase=status.phase if status else None,
             annotations=dict(md.annotations or {}),
-            created=md.creation_timestamp,
+            created=_aware(md.creation_timestamp),
             deleting=md.deletion_timestamp is not None,
             gpu_containers=tuple(c.name for c in containers if _gpu_count(c) > 0),
             gpu_init_containers=tuple(c.name for c in inits if _gpu_count(c) > 0),

@@ -152,3 +152,10 @@ def test_pod_refused_by_the_kubelet_earlier_is_not_mistaken_for_the_admitted_one
     res = rig.kubelet.admit(rig.kubelet_pod("next"))
     assert res.env["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(1)
     assert res.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "20"
+
+
+def test_container_asking_for_two_slots_gets_two_of_its_units_slots(rig):
+    rig.create_bound("wide", gpu_uuid(3), share=90, gpus=2)
+    c = rig.kubelet.admit(rig.kubelet_pod("wide")).containers["vllm"]
+    assert len(c.devices) == 2 and {slot_unit(d) for d in c.devices} == {gpu_uuid(3)}
+    assert c.envs["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid(3)
