@@ -10,9 +10,10 @@ module fills in what differs by role and by placement:
 - memory sizing when pods share a GPU: vLLM takes 90 % of the device by default, so a second
   pod on the same GPU would not start. `--gpu-memory-utilization` is set from the pod's
   declared memory (`copack.io/demand` mem, as `COPACK_DEMAND`) over the unit's memory
-  (`COPACK_UNIT_MEMORY_BYTES`, or NVML's total of the visible device); a pod that shares its
-  unit (`copack.io/sm-share` below 100, as `COPACK_SM_SHARE`) but declared no memory gets an
-  even split (0.45).
+  (`COPACK_UNIT_MEMORY_BYTES`, else NVML's total of the unit, found by the UUID copack wrote
+  in `copack.io/unit`, as `COPACK_UNIT`, so a MIG slice counts its own memory); a pod that
+  shares its unit (`copack.io/sm-share` below 100, as `COPACK_SM_SHARE`) but declared no
+  memory gets an even split (0.45).
 
 The server is started with `python -m vllm.entrypoints.openai.api_server` because the `vllm`
 console script of the CPU wheel fails on package metadata.
@@ -39,6 +40,7 @@ ENV_POD_IP = "POD_IP"
 ENV_SM_SHARE = "COPACK_SM_SHARE"
 ENV_DEMAND = "COPACK_DEMAND"
 ENV_UNIT_MEMORY = "COPACK_UNIT_MEMORY_BYTES"
+ENV_UNIT = "COPACK_UNIT"
 
 DEFAULT_SIDE_CHANNEL_PORT = 5600
 MIN_GPU_MEMORY_UTILIZATION = 0.05
@@ -132,18 +134,32 @@ def detect_device(env: Mapping[str, str]) -> str:
     return "cpu"
 
 
-def _nvml_total_memory() -> int | None:
-    """Total memory of the first visible device (the unit the device plugin gave us)."""
+def unit_uuid(env: Mapping[str, str]) -> str | None:
+    """The UUID of the unit this container was given: copack's `copack.io/unit` annotation
+    (as COPACK_UNIT), else a single GPU-/MIG- UUID in NVIDIA_VISIBLE_DEVICES."""
+    for value in (env.get(ENV_UNIT, ""), env.get("NVIDIA_VISIBLE_DEVICES", "")):
+        value = value.strip()
+        if value.startswith(("GPU-", "MIG-")) and "," not in value:
+            return value
+    return None
+
+
+def nvml_total_memory(uuid: str | None) -> int | None:
+    """Total memory of the unit: by UUID, which also finds a MIG instance (NVML's index 0 in
+    a MIG container is the whole parent GPU, whose memory would overstate the slice's)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            if uuid:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid.encode())
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no driver, no device, old driver: sizing falls back to the SM share
+    except Exception:  # no driver, no device, old driver: sizing falls back to the even split
         return None
 
 
@@ -271,7 +287,7 @@ def _unit_memory(env: Mapping[str, str]) -> int | None:
         if value <= 0:
             raise LaunchError(f"{ENV_UNIT_MEMORY}={raw!r} must be positive")
         return value
-    return _nvml_total_memory()
+    return nvml_total_memory(unit_uuid(env))
 
 
 def exec_plan(plan: LaunchPlan, env: Mapping[str, str] | None = None) -> None:

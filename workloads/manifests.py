@@ -24,12 +24,14 @@ from policies.inventory import (
     SCHEDULER_NAME,
     SLO_ANNOTATION,
     SM_SHARE_ANNOTATION,
+    UNIT_ANNOTATION,
 )
 from workloads.launcher import (
     DEFAULT_SIDE_CHANNEL_PORT,
     ENV_DEMAND,
     ENV_POD_IP,
     ENV_SM_SHARE,
+    ENV_UNIT,
 )
 from workloads.roles import DECODE, MIXED, PREFILL
 
@@ -147,6 +149,7 @@ def _server(spec: RenderSpec, name: str, role: str, replicas: int) -> dict[str, 
         {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(DEFAULT_SIDE_CHANNEL_PORT)},
         _env_field(ENV_SM_SHARE, f"metadata.annotations['{SM_SHARE_ANNOTATION}']"),
         _env_field(ENV_DEMAND, f"metadata.annotations['{DEMAND_ANNOTATION}']"),
+        _env_field(ENV_UNIT, f"metadata.annotations['{UNIT_ANNOTATION}']"),
     ]
     probe_http = {"path": "/health", "port": "http"}
     container = {

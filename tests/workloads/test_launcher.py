@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -164,3 +165,38 @@ def test_cli_error_is_one_line_not_a_traceback() -> None:
     assert result.exit_code == 2
     assert "error: role 'boss'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_unit_memory_comes_from_nvml_by_uuid_also_for_a_mig_slice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real pynvml against the fake libnvidia-ml: a 3g.40gb slice sizes by its own memory."""
+    import pynvml
+
+    from tests.fakes import nvml as fake
+
+    # install() points this process's pynvml at the fake: undo that after the test.
+    monkeypatch.setattr(pynvml, "nvmlLib", pynvml.nvmlLib)
+    monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
+    monkeypatch.setenv(fake.SCENARIO_ENV, "")
+
+    layout = fake.mig_layout("H100", 1, ["3g.40gb", "3g.40gb"])
+    scen = fake.scenario([fake.gpu("H100", 0), fake.gpu("H100", 1, mig=layout)])
+    nv = fake.FakeNvml(tmp_path, scen)
+    nv.install()
+    whole, mig = scen["gpus"][0], layout[0]
+    env = {"COPACK_DEMAND": "mem=10Gi", "NVIDIA_VISIBLE_DEVICES": mig["uuid"], "POD_IP": "1.2.3.4"}
+    plan = build_plan(ServeSpec(role="decode", model="m", device="gpu"), env)
+    expected = round(10 * 1024**3 / mig["memory_total"], 3)
+    assert flag(plan.argv, "--gpu-memory-utilization") == f"{expected:g}"
+    assert mig["memory_total"] < whole["memory_total"] / 2
+    # copack's own annotation wins over what the runtime put in NVIDIA_VISIBLE_DEVICES.
+    env2 = {"COPACK_DEMAND": "mem=10Gi", "COPACK_UNIT": whole["uuid"], **GPU_ENV}
+    plan2 = build_plan(ServeSpec(role="decode", model="m", device="gpu"), env2)
+    expected2 = round(10 * 1024**3 / whole["memory_total"], 3)
+    assert flag(plan2.argv, "--gpu-memory-utilization") == f"{expected2:g}"
+    # An unknown UUID (or no driver) leaves vLLM's default and says why.
+    env3 = {"COPACK_DEMAND": "mem=10Gi", "COPACK_UNIT": "GPU-nope", **GPU_ENV}
+    plan3 = build_plan(ServeSpec(role="decode", model="m", device="gpu"), env3)
+    assert "--gpu-memory-utilization" not in plan3.argv
+    assert any("unknown" in n for n in plan3.notes)
