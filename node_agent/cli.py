@@ -48,12 +48,32 @@ def register(app: typer.Typer) -> None:
         pod_refresh: float = typer.Option(10.0, help="Pod-resources poll interval (seconds)."),
         watch_queue: int = typer.Option(8, help="Snapshots queued per Watch subscriber."),
         max_watchers: int = typer.Option(32, help="Concurrent Watch streams allowed."),
+        device_plugin: bool = typer.Option(
+            False, "--device-plugin/--no-device-plugin",
+            help="Serve the copack.io/gpu device plugin to the kubelet (needs the Kubernetes API).",
+        ),
+        slots_per_unit: int = typer.Option(4, help="copack.io/gpu slots advertised per unit."),
+        device_plugin_dir: str = typer.Option(
+            "/var/lib/kubelet/device-plugins", help="Kubelet device-plugin socket directory."
+        ),
+        mps: bool = typer.Option(
+            False, "--mps/--no-mps", help="Run one supervised MPS control daemon per unit."
+        ),
+        mps_root: str = typer.Option("/run/copack/mps", help="Per-unit MPS pipe/log directories."),
+        mps_control: str = typer.Option(
+            "nvidia-cuda-mps-control", help="The MPS control binary."
+        ),
+        cdi: bool = typer.Option(
+            False, "--cdi/--no-cdi", help="Hand out CDI device names instead of the env var."
+        ),
+        cdi_kind: str = typer.Option("nvidia.com/gpu", help="CDI kind of the device names."),
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
     ) -> None:
         """Run the node agent until SIGTERM/SIGINT."""
         from kubernetes.config.config_exception import ConfigException
 
         from node_agent.agent import Agent, AgentConfig, default_node_name
+        from node_agent.device_plugin.config import DevicePluginConfig
         from node_agent.sampler import SamplerConfig
 
         level = getattr(logging, log_level.upper(), None)
@@ -82,6 +102,20 @@ def register(app: typer.Typer) -> None:
                 max_watchers=max_watchers,
             )
             agent = Agent(cfg)
+            plugin = (
+                _device_plugin(
+                    agent, kubeconfig,
+                    DevicePluginConfig(
+                        node_name=cfg.sampler.node, slots_per_unit=slots_per_unit,
+                        socket_dir=device_plugin_dir,
+                        pod_resources_socket=pod_resources_socket or None,
+                        mps=mps, mps_root=mps_root, mps_control_binary=mps_control,
+                        cdi=cdi, cdi_kind=cdi_kind,
+                    ),
+                )
+                if device_plugin
+                else None
+            )
         except (ValueError, OSError, ConfigException) as e:
             typer.echo(f"copack agent: {e}", err=True)
             raise typer.Exit(2) from None
@@ -94,8 +128,30 @@ def register(app: typer.Typer) -> None:
         signal.signal(signal.SIGINT, _stop)
         agent.start()
         try:
+            if plugin is not None:
+                try:
+                    plugin.start()
+                except OSError as e:
+                    typer.echo(f"copack agent: device plugin: {e}", err=True)
+                    raise typer.Exit(2) from None
             done.wait()
         finally:
+            if plugin is not None:
+                plugin.stop()
             agent.stop()
 
     app.add_typer(agent_app, name="agent")
+
+
+def _device_plugin(agent, kubeconfig: str | None, config):
+    """Build the device plugin beside the agent, sharing its sampler and its /metrics."""
+    from node_agent.device_plugin.metrics import DevicePluginCollector
+    from node_agent.device_plugin.service import DevicePluginService
+    from node_agent.inventory_publisher import load_api_client
+
+    api = load_api_client(kubeconfig)
+    if api is None:
+        raise ValueError("--device-plugin needs the Kubernetes API (in-cluster or --kubeconfig)")
+    service = DevicePluginService(config, agent.sampler, api)
+    agent.metrics.registry.register(DevicePluginCollector())
+    return service
