@@ -564,11 +564,22 @@ class ClusterView:
         return self._slo_pods > 0
 
     # -- load ------------------------------------------------------------------------------
-    def load_arrays(self, now: float, stale_after_s: float) -> tuple[np.ndarray, ...]:
+    def load_arrays(
+        self, now: float, stale_after_s: float, cols: np.ndarray | None = None
+    ) -> tuple[np.ndarray, ...]:
         """Effective load of every slot, shape (K, rows) (DESIGN.md "Units, demand, load"):
         fresh telemetry + recently-placed declared demand, never below the declared sum; stale
-        (or no) telemetry -> declared sum only. Returns (sm, bw, mem_bytes, stale). The arrays
-        may be the view's own or scratch buffers: read, don't keep."""
+        (or no) telemetry -> declared sum only. Returns (sm, bw, mem_bytes, stale). With `cols`,
+        only those rows (fresh arrays); without, the arrays may be the view's own or scratch
+        buffers: read, don't keep."""
+        if cols is not None:
+            stale = self.tel_t[:, cols] < (now - stale_after_s)
+            return (
+                np.where(stale, self.decl_sm[:, cols], self.eff_sm[:, cols]),
+                np.where(stale, self.decl_bw[:, cols], self.eff_bw[:, cols]),
+                np.where(stale, self.decl_mem[:, cols], self.eff_mem[:, cols]),
+                stale,
+            )
         r = self._rows
         stale = self.tel_t[:, :r] < (now - stale_after_s)
         lsm, lbw, lmem = self.eff_sm[:, :r], self.eff_bw[:, :r], self.eff_mem[:, :r]

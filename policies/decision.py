@@ -139,6 +139,19 @@ class Decision:
 
     chosen: tuple[str, str] | None  # (node, unit uuid), resolved when decided
 
+    def _full(self, a: np.ndarray | None, fill: Any = False) -> np.ndarray | None:
+        """A (K, m) array of the decided columns as (K, rows) (decide() may score only the
+        candidates' rows when they are few)."""
+        if a is None or self.cols is None:
+            return a
+        out = np.full((a.shape[0], self.rows), fill, dtype=a.dtype)
+        out[:, self.cols] = a
+        return out
+
+    @cached_property
+    def full_masks(self) -> dict[str, np.ndarray | None]:
+        return {k: self._full(v) for k, v in self.masks.items()}
+
     def _uuid(self, slot: tuple[int, int]) -> str | None:
         """The unit in a slot, or None if the view's layout changed since the decision."""
         if self.view.layout_version != self.layout_version:
@@ -194,7 +207,7 @@ class Decision:
     @cached_property
     def reason_codes(self) -> np.ndarray:
         """Per-unit reason code, shape (K, rows); 0 = feasible or no unit in that slot."""
-        m = self.masks
+        m = self.full_masks
 
         def neg(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else ~a
@@ -268,7 +281,10 @@ class Decision:
     @cached_property
     def stale_nodes(self) -> list[str]:
         """Candidate nodes with a unit whose telemetry is stale (declared demand used)."""
-        stale_rows = (self.stale & self.masks["active"]).any(axis=0)
+        stale = self._full(self.stale)
+        active = self.full_masks["active"]
+        assert stale is not None and active is not None
+        stale_rows = (stale & active).any(axis=0)
         for rows in self.multi_rows.values():
             stale_rows[rows[0]] = stale_rows[rows].any()
         out = []
@@ -330,7 +346,7 @@ class Decision:
         view = self.view
         n_types = len(self.table.why) if view.types else 0
         if view.layout_version == self.layout_version:
-            active = self.masks["active"]
+            active = self.full_masks["active"]
             types_used = sorted(set(view.type_id[:, : self.rows][active].tolist()))
         else:  # units changed since: list every type the decision knew
             types_used = list(range(n_types))
@@ -453,6 +469,23 @@ def _resolve(
     return cand_names, cand_row, mask
 
 
+def _sparse_columns(view: ClusterView, cand_row: np.ndarray) -> np.ndarray | None:
+    """The rows of the candidate nodes, sorted, when they are few enough (under 1/8 of the
+    view) that gathering them beats one pass over every row; else None."""
+    r = view.n_rows
+    known = cand_row[cand_row >= 0]
+    if r < 64 or len(known) * 8 >= r:
+        return None
+    if view.multi_row_nodes:  # a wide node's other rows come with its first
+        firsts = set(known.tolist())
+        extra = [
+            row for rows in view.multi_row_nodes.values() if rows[0] in firsts for row in rows[1:]
+        ]
+        if extra:
+            known = np.concatenate([known, np.asarray(extra, dtype=np.intp)])
+    return np.unique(known)
+
+
 def _fold_multi_row(view: ClusterView, best: np.ndarray, best_j: np.ndarray) -> np.ndarray:
     """Nodes spanning several rows: move the best of their rows into their first row."""
     best_row = np.arange(len(best), dtype=np.intp)
@@ -486,20 +519,37 @@ def decide(
         )
 
     table = type_table(view.types, request, demand_model, config)
-    tid = view.type_id[:, :r]
-    # mode="clip": type ids are always in range, and skipping the bounds check halves the cost
-    dsm = np.take(table.sm, tid, out=view.scratch("d_sm"), mode="clip")
-    dbw = np.take(table.bw, tid, out=view.scratch("d_bw"), mode="clip")
-    dmem = np.take(table.mem, tid, out=view.scratch("d_mem"), mode="clip")
-    lsm, lbw, lmem, stale = view.load_arrays(now, config.stale_after_s)
-    active = view.active[:, :r].copy()
-    healthy = view.healthy[:, :r].copy()
-    npods = view.npods[:, :r]
-    mem_cap = view.mem_cap[:, :r]
+    cols = _sparse_columns(view, cand_row)
+    if cols is None:  # score every row, in the view's scratch buffers
+        tid = view.type_id[:, :r]
+        # mode="clip": type ids are always in range, and skipping the bounds check halves the cost
+        dsm = np.take(table.sm, tid, out=view.scratch("d_sm"), mode="clip")
+        dbw = np.take(table.bw, tid, out=view.scratch("d_bw"), mode="clip")
+        dmem = np.take(table.mem, tid, out=view.scratch("d_mem"), mode="clip")
+        lsm, lbw, lmem, stale = view.load_arrays(now, config.stale_after_s)
+        active = view.active[:, :r].copy()
+        healthy = view.healthy[:, :r].copy()
+        npods = view.npods[:, :r]
+        mem_cap = view.mem_cap[:, :r]
+        buf = view.scratch
+    else:  # few candidates (bind, small filters): only their rows
+        tid = view.type_id[:, cols]
+        dsm = np.take(table.sm, tid, mode="clip")
+        dbw = np.take(table.bw, tid, mode="clip")
+        dmem = np.take(table.mem, tid, mode="clip")
+        lsm, lbw, lmem, stale = view.load_arrays(now, config.stale_after_s, cols)
+        active = view.active[:, cols]
+        healthy = view.healthy[:, cols]
+        npods = view.npods[:, cols]
+        mem_cap = view.mem_cap[:, cols]
+        shape = tid.shape
 
-    y = np.add(lsm, dsm, out=view.scratch("y"))
-    x = np.add(lbw, dbw, out=view.scratch("x"))
-    msum = np.add(lmem, dmem, out=view.scratch("m"))
+        def buf(name: str, dtype: Any = np.float64) -> np.ndarray:
+            return np.empty(shape, dtype=dtype)
+
+    y = np.add(lsm, dsm, out=buf("y"))
+    x = np.add(lbw, dbw, out=buf("x"))
+    msum = np.add(lmem, dmem, out=buf("m"))
     # Feasibility as "fits" masks ANDed in place; the reasons are derived lazily from them.
     type_bad = np.take(table.bad, tid, mode="clip") if table.bad.any() else None
     fits_mem = np.less_equal(msum, mem_cap)
@@ -520,12 +570,12 @@ def decide(
         ok &= fits_sm
         ok &= fits_bw
         if config.slo_check:
-            slo_bad = _slo_violations(view, request, table, tid, dsm, lsm, x, y, config)
+            slo_bad = _slo_violations(view, request, table, tid, dsm, lsm, x, y, config, cols)
             if slo_bad is not None:
                 ok &= ~slo_bad
 
-    score = view.scratch("score")
-    tmp = view.scratch("tmp")
+    score = buf("score")
+    tmp = buf("tmp")
     policy = config.policy
     node_val = None
     if policy == "complementary":
@@ -547,9 +597,14 @@ def decide(
         free = (npods == 0) & active & healthy
         free_count = free.sum(axis=0).astype(np.float64)
         total = active.sum(axis=0).astype(np.float64)
-        for rows in view.multi_row_nodes.values():
-            free_count[rows[0]] = free_count[rows].sum()
-            total[rows[0]] = total[rows].sum()
+        if view.multi_row_nodes:
+            pos = np.full(r, -1, dtype=np.intp)  # absolute row -> column of these arrays
+            pos[np.arange(r) if cols is None else cols] = np.arange(len(total))
+            for rows in view.multi_row_nodes.values():
+                p = pos[rows]
+                if p[0] >= 0:
+                    free_count[p[0]] = free_count[p].sum()
+                    total[p[0]] = total[p].sum()
         with np.errstate(divide="ignore", invalid="ignore"):
             if policy == "spread":  # kube LeastAllocated over the node's units
                 node_val = (free_count - 1.0) / total
@@ -557,11 +612,22 @@ def decide(
                 node_val = (total - free_count + 1.0) / total
     np.copyto(score, -np.inf, where=~ok)
 
-    row_best = score.max(axis=0) if r else np.zeros(0)
+    m = score.shape[1]
+    row_best = score.max(axis=0) if m else np.zeros(0)
     # first unit column reaching the row's best (argmax along axis 0 is 2x slower than this)
-    best_j = np.full(r, view.K - 1, dtype=np.intp)
+    best_j = np.full(m, view.K - 1, dtype=np.intp)
     for j in range(view.K - 2, -1, -1):
         np.copyto(best_j, j, where=score[j] == row_best)
+    if cols is not None:  # back to absolute rows
+        full_best = np.full(r, -np.inf)
+        full_best[cols] = row_best
+        full_j = np.full(r, view.K - 1, dtype=np.intp)
+        full_j[cols] = best_j
+        row_best, best_j = full_best, full_j
+        if node_val is not None:
+            full_val = np.full(r, -np.inf)
+            full_val[cols] = node_val
+            node_val = full_val
     best_row = _fold_multi_row(view, row_best, best_j)
     node_best = row_best
     if node_val is not None:
@@ -594,7 +660,9 @@ def decide(
     chosen = None
     if chosen_row >= 0:
         chosen_slot = (int(best_j[chosen_row]), int(best_row[chosen_row]))
-        chosen_load = (float(lsm[chosen_slot]), float(lbw[chosen_slot]), float(lmem[chosen_slot]))
+        col = chosen_slot[1] if cols is None else int(np.searchsorted(cols, chosen_slot[1]))
+        at = (chosen_slot[0], col)
+        chosen_load = (float(lsm[at]), float(lbw[at]), float(lmem[at]))
         chosen = (
             view.node_name_by_id(int(view.row_node[chosen_row])),
             view.slot_uuid[chosen_slot],
@@ -608,6 +676,7 @@ def decide(
         now=now,
         refusal=refusal,
         rows=r,
+        cols=cols,
         candidates=candidates,
         cand_row=cand_row,
         table=table,
@@ -646,6 +715,7 @@ def _slo_violations(
     x: np.ndarray,
     y: np.ndarray,
     config: PolicyConfig,
+    cols: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Units where the pod's predicted slowdown breaks its SLO, or where the contention it adds
     exceeds the tolerance of an SLO-carrying pod already there (cluster_view._tolerance)."""
@@ -658,8 +728,10 @@ def _slo_violations(
     ey = np.maximum(0.0, y - 1.0)
     if view.has_slo_pods():
         with np.errstate(divide="ignore", invalid="ignore"):
-            ux = np.where(ex > 0, ex / view.tol_x[:, :r], 0.0)
-            uy = np.where(ey > 0, ey / view.tol_y[:, :r], 0.0)
+            tol_x = view.tol_x[:, :r] if cols is None else view.tol_x[:, cols]
+            tol_y = view.tol_y[:, :r] if cols is None else view.tol_y[:, cols]
+            ux = np.where(ex > 0, ex / tol_x, 0.0)
+            uy = np.where(ey > 0, ey / tol_y, 0.0)
         bad = ux + uy > 1.0 + 1e-9
     if slo.empty:
         return bad

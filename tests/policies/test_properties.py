@@ -330,3 +330,41 @@ def test_slos_hold_after_every_placement(pods, gpus) -> None:
         if r.slo.tpot_s is not None:
             f = slowdown_factor(t.a_decode, t.mem_frac_decode, share / 100, ld["bw"], ld["sm"])
             assert t.tpot_s * f <= r.slo.tpot_s * (1 + 1e-6)
+
+
+FILLER = [[UnitSpec(None, True, [(0.1, 0.1, 0.1)], None)] for _ in range(66)]
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cluster=cluster_spec,
+    pod=pod_spec,
+    cfg=config_spec,
+    picks=st.lists(st.integers(0, 71), min_size=1, max_size=8),
+    wide=st.booleans(),
+)
+def test_few_candidates_path_agrees_with_the_full_pass(cluster, pod, cfg, picks, wide) -> None:
+    """decide() scores only the candidates' rows when they are few (bind, small filters): the
+    answers must be those of the pass over every row."""
+    cluster = FILLER[:33] + cluster + FILLER[33:]
+    v = build(cluster, units_per_row=2 if wide else 8)
+    r = request(pod)
+    subset = [f"node-{i}" for i in dict.fromkeys(picks) if i < len(cluster)] + ["ghost"]
+    few = decide(v, r, subset, NOW, cfg, DM)
+    assert few.cols is not None  # the sparse path ran
+    full = decide(v, r, None, NOW, cfg, DM)
+    assert full.cols is None
+    assert few.scores == {n: s for n, s in full.scores.items() if n in subset}
+    assert few.best_unit == {n: u for n, u in full.best_unit.items() if n in subset}
+    for n, why in few.failed_nodes.items():
+        assert why == full.failed_nodes.get(n, why) and (n in full.failed_nodes or n == "ghost")
+    assert set(few.stale_nodes) == set(full.stale_nodes) & set(subset)
+    if few.chosen is None:
+        assert not few.scores
+    else:
+        p_few, p_full = few.placement(), full.placement(few.chosen[0])
+        assert p_few == p_full
+        best = max(full.unit_score_of_row(v.primary_row(n)) for n in few.scores)
+        assert full.unit_score_of_row(v.primary_row(few.chosen[0])) >= best - 1e-9
+    e = few.explain()
+    assert set(e["nodes"]) == set(subset)
