@@ -11,6 +11,7 @@ per iteration so they see the same machine noise:
                      hops any P/D setup needs, done by the client itself
   proxy direct       client -> proxy (no prefill backends) -> decode stub
   proxy P/D          client -> proxy -> prefill stub, then -> decode stub
+  naive P/D          the same through a plain FastAPI + httpx proxy (the "before")
 
 Added latency = proxy P/D - client P/D and proxy direct - direct decode, per iteration
 (paired), reported at p50/p99. Goal: <= 2 ms at p99.
@@ -48,6 +49,38 @@ for port in map(int, sys.argv[1:]):
 threads = [threading.Thread(target=s.run) for s in servers]
 for t in threads: t.start()
 for t in threads: t.join()
+"""
+
+# The straightforward FastAPI + httpx P/D proxy (what copack's proxy did before its hot path
+# moved to httpcore and a lean ASGI relay): the "before" of the before/after, same run.
+NAIVE_PROXY = """
+import sys, httpx, orjson, uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+prefill, decode, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+app = FastAPI()
+client = httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100))
+@app.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    req = orjson.loads(await request.body())
+    pre = dict(req, max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+    r = await client.post(prefill + "/v1/completions", content=orjson.dumps(pre))
+    req["kv_transfer_params"] = r.json().get("kv_transfer_params")
+    up = await client.send(
+        client.build_request("POST", decode + "/v1/completions", content=orjson.dumps(req)),
+        stream=True,
+    )
+    async def relay():
+        try:
+            async for chunk in up.aiter_raw():
+                yield chunk
+        finally:
+            await up.aclose()
+    return StreamingResponse(relay(), media_type="text/event-stream")
+@app.get("/health")
+async def health() -> Response:
+    return Response(b"ok")
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 """
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 2, "stream": True}
@@ -115,24 +148,27 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     args = ap.parse_args()
 
-    p_port, d_port, proxy_port, direct_port = (free_port() for _ in range(4))
+    p_port, d_port, proxy_port, direct_port, naive_port = (free_port() for _ in range(5))
     prefill, decode = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
     proxy, proxy_direct = f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{direct_port}"
+    naive = f"http://127.0.0.1:{naive_port}"
     copack = [sys.executable, "-m", "copack.cli", "workload", "proxy", "--host", "127.0.0.1"]
     procs = [
         spawn([sys.executable, "-c", STUBS, str(p_port), str(d_port)]),
         spawn([*copack, "--port", str(proxy_port), "--prefill", prefill, "--decode", decode]),
         spawn([*copack, "--port", str(direct_port), "--decode", decode]),
+        spawn([sys.executable, "-c", NAIVE_PROXY, prefill, decode, str(naive_port)]),
     ]
     try:
         with httpx.Client(timeout=30, trust_env=False) as c:
-            for url in (prefill, decode, proxy, proxy_direct):
+            for url in (prefill, decode, proxy, proxy_direct, naive):
                 wait_up(c, url)
             paths = {
                 "direct decode": lambda: ttft_stream(c, decode, BODY),
                 "client P/D": lambda: ttft_client_pd(c, prefill, decode),
                 "proxy direct": lambda: ttft_stream(c, proxy_direct, BODY),
                 "proxy P/D": lambda: ttft_stream(c, proxy, BODY),
+                "naive P/D": lambda: ttft_stream(c, naive, BODY),
             }
             for _ in range(args.warmup):
                 for f in paths.values():
@@ -144,7 +180,9 @@ def main() -> None:
                     samples[k].append(f())
             cpu_ms = {
                 name: (cpu_seconds(p.pid) - cpu0[p.pid]) / args.requests * 1000
-                for name, p in zip(("proxy P/D", "proxy direct"), procs[1:], strict=True)
+                for name, p in zip(
+                    ("proxy P/D", "proxy direct", "naive P/D"), procs[1:], strict=True
+                )
             }
     finally:
         for p in procs:
@@ -162,6 +200,7 @@ def main() -> None:
     for name, (a, b) in {
         "P/D": ("proxy P/D", "client P/D"),
         "passthrough": ("proxy direct", "direct decode"),
+        "naive P/D": ("naive P/D", "client P/D"),
     }.items():
         d = arr[a] - arr[b]
         verdict = "meets" if pct(d, 99) <= 2.0 else "misses"
@@ -171,6 +210,12 @@ def main() -> None:
         )
     for name, ms in cpu_ms.items():
         print(f"  CPU time of the {name} proxy process: {ms:.3f} ms per request")
+    ours = pct(arr["proxy P/D"] - arr["client P/D"], 50)
+    theirs = pct(arr["naive P/D"] - arr["client P/D"], 50)
+    print(
+        "  copack vs naive P/D proxy: CPU per request x"
+        f"{cpu_ms['proxy P/D'] / cpu_ms['naive P/D']:.2f}, added p50 x{ours / theirs:.2f}"
+    )
     print(f"  load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
