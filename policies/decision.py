@@ -505,7 +505,10 @@ def decide(
     config: PolicyConfig,
     demand_model: DemandModelLike,
 ) -> Decision:
-    """Score `request` on every unit of the candidate nodes (None = every node of the view)."""
+    """Score `request` on every unit of the candidate nodes (None = every node of the view).
+
+    Not thread-safe: it writes the view's scratch buffers, so callers serialize decisions and
+    updates on one view (the extender holds its state lock)."""
     if abs(view.assumed_window_s - config.assumed_window_s) > 1e-12:
         view.set_assumed_window(config.assumed_window_s)
     r = view.n_rows
