@@ -27,6 +27,7 @@ from functools import lru_cache
 import numpy as np
 
 from policies.contention import slowdown_factor, sm_share_slowdown
+from policies.inventory import LOAD_ANNOTATION
 from policies.model import Demand, DemandOverride, LoadSpec, PodRequest, Timing, UnitType
 from workloads.gpu_catalog import GiB, GpuSpec, find_gpu, gpu_spec
 from workloads.mig_catalog import MEMORY_SLICES, find_mig_profile
@@ -395,7 +396,7 @@ class DemandModel:
         notes: list[str] = []
         if request.load is None:
             notes.append(
-                f"no {'copack.io/load'}: assuming rps={load.rps:g},prompt={load.prompt_tokens},"
+                f"no {LOAD_ANNOTATION}: assuming rps={load.rps:g},prompt={load.prompt_tokens},"
                 f"output={load.output_tokens}"
             )
         out_tokens = load.output_tokens or DEFAULT_OUTPUT_TOKENS
