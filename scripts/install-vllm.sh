@@ -9,3 +9,5 @@ PY=${1:?usage: install-vllm.sh PYTHON}
 "$PY" -m pip install -q --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 "$PY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+# vLLM's NixlConnector loads nixl_agent from nixl._api; fail here, not in the e2e test.
+"$PY" -c "from nixl._api import nixl_agent, nixl_agent_config; print('nixl ok')"
