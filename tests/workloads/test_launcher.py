@@ -200,3 +200,12 @@ def test_unit_memory_comes_from_nvml_by_uuid_also_for_a_mig_slice(
     plan3 = build_plan(ServeSpec(role="decode", model="m", device="gpu"), env3)
     assert "--gpu-memory-utilization" not in plan3.argv
     assert any("unknown" in n for n in plan3.notes)
+
+
+def test_cli_missing_interpreter_is_a_clear_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-python")
+    result = runner.invoke(
+        app, ["workload", "serve", "--role", "mixed", "--model", "m", "--python", missing]
+    )
+    assert result.exit_code == 2
+    assert f"cannot start {missing}" in result.output and "Traceback" not in result.output
