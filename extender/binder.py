@@ -29,6 +29,11 @@ class AlreadyBound(BindError):
         self.annotations = annotations
 
 
+class BindUncertain(BindError):
+    """The binding request failed in transit and the pod's state could not be read back: it
+    may or may not be bound. The caller keeps its assumption (the watch settles it)."""
+
+
 class Binder(Protocol):
     def bind(
         self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
@@ -74,18 +79,48 @@ class KubeBinder:
                 f"creating the binding of {namespace}/{name} to {node} failed: "
                 f"{_status_message(e)}"
             ) from None
-        except Exception as e:  # connection refused, timeout, protocol error
-            raise BindError(
-                f"creating the binding of {namespace}/{name} to {node} failed: "
-                f"{type(e).__name__}: {e}"
-            ) from None
+        except Exception as e:  # connection reset, timeout: the POST may have gone through
+            self._settle_transport_error(namespace, name, uid, node, e)
+            return
         try:
             status = resp.status
+            resp.read()  # drain: a pooled connection with an unread body breaks the next call
             resp.release_conn()
-        except Exception:  # pragma: no cover - urllib3 internals
-            status = 201
+        except Exception:  # the body is a Status we do not need; the status code is in
+            status = resp.status
         if not 200 <= status <= 299:
             raise BindError(f"creating the binding of {namespace}/{name}: HTTP {status}")
+
+    def _settle_transport_error(
+        self, namespace: str, name: str, uid: str, node: str, err: Exception
+    ) -> None:
+        """Read the pod back: bound here -> AlreadyBound (the caller adopts it); not bound ->
+        BindError (safe to roll back); unreadable -> BindUncertain."""
+        what = f"creating the binding of {namespace}/{name} to {node} failed: " \
+               f"{type(err).__name__}: {err}"
+        for _ in range(3):
+            try:
+                raw = self._core.read_namespaced_pod(
+                    name, namespace, _preload_content=False, _request_timeout=self._timeout
+                )
+                pod = orjson.loads(raw.data)
+                break
+            except ApiException as e:
+                if e.status == 404:
+                    raise BindError(f"{what}; the pod is gone") from None
+            except Exception:
+                continue
+        else:
+            raise BindUncertain(f"{what}; whether the pod got bound is unknown") from None
+        meta = pod.get("metadata") or {}
+        bound = (pod.get("spec") or {}).get("nodeName")
+        if bound and (not uid or meta.get("uid") == uid):
+            ann = meta.get("annotations") or {}
+            raise AlreadyBound(
+                f"{namespace}/{name} is bound to {bound}", bound,
+                {k: v for k, v in ann.items() if k.startswith("copack.io/")},
+            )
+        raise BindError(f"{what}; the pod is not bound")
 
     def _explain_conflict(self, namespace: str, name: str, uid: str, e: ApiException) -> None:
         """A 409: raise AlreadyBound when the same pod is bound, else let the caller report."""

@@ -178,6 +178,9 @@ class ClusterState:
         self.view = ClusterView()
         self.view.set_assumed_window(self.policy.assumed_window_s)
         self.nodes: dict[str, NodeInfo] = {}
+        # nodes that can never host a copack pod (no/invalid inventory, no units) -> why
+        self.problem_nodes: dict[str, str] = {}
+        self._stale_cache: tuple[float, frozenset[str]] = (-math.inf, frozenset())
         self.pods: dict[str, PodInfo] = {}
         self._pods_by_node: dict[str, set[str]] = {}
         self.telemetry: dict[str, NodeTelemetry] = {}
@@ -262,7 +265,9 @@ class ClusterState:
         inv_text = ann.get(INVENTORY_ANNOTATION)
         agent_text = ann.get(AGENT_ANNOTATION)
         mps = str(labels.get(SHARING_KEY, ann.get(SHARING_KEY, ""))).lower() == "mps"
-        signature = (inv_text, agent_text, mps, tuple(sorted(labels.items())))
+        signature = (
+            hash(inv_text), agent_text, mps, hash(tuple(sorted(labels.items())))
+        )
         with self.lock:
             info = self.nodes.get(name)
             if info is not None and info.signature == signature:
@@ -280,6 +285,11 @@ class ClusterState:
                     info.inventory_error = str(e)
             info.unit_count = len(units)
             info.unhealthy_units = sum(1 for u in units if not u.healthy)
+            problem = self._node_problem(info)
+            if problem is None:
+                self.problem_nodes.pop(name, None)
+            else:
+                self.problem_nodes[name] = problem
             dropped = self.view.set_node(name, units, labels, mps)
             for key in dropped:
                 p = self.pods.get(key)
@@ -297,6 +307,7 @@ class ClusterState:
     def delete_node(self, name: str) -> None:
         with self.lock:
             info = self.nodes.pop(name, None)
+            self.problem_nodes.pop(name, None)
             for key in self.view.remove_node(name):
                 p = self.pods.get(key)
                 if p is not None:
@@ -539,6 +550,8 @@ class ClusterState:
                 ep = self.nodes[node_name].agent if node_name in self.nodes else ""
                 t = self.telemetry[node_name] = NodeTelemetry(ep or "")
             t.state = "streaming"
+            if t.last_seen is None or t.last_seen < now - self.policy.stale_after_s:
+                self._stale_cache = (-math.inf, frozenset())  # this node turns fresh
             t.last_seen = now
             t.sequence = snapshot.sequence
             t.snapshots += 1
@@ -598,6 +611,10 @@ class ClusterState:
         info = self.nodes.get(name)
         if info is None:
             return "node is not in the extender's cluster view (unknown node)"
+        return self._node_problem(info)
+
+    @staticmethod
+    def _node_problem(info: NodeInfo) -> str | None:
         if info.inventory_error:
             return f"invalid inventory: {info.inventory_error}"
         if not info.has_inventory:
@@ -605,6 +622,23 @@ class ClusterState:
         if info.unit_count == 0:
             return "node's inventory lists no units"
         return None
+
+    def stale_nodes(self, max_age_s: float = 0.5) -> frozenset[str]:
+        """Nodes whose telemetry is older than the staleness bound (or absent), recomputed at
+        most every `max_age_s` of the state clock: filter consults it for every failed node."""
+        with self.lock:
+            now = self.now()
+            at, cached = self._stale_cache
+            if 0 <= now - at <= max_age_s:
+                return cached
+            bound = now - self.policy.stale_after_s
+            tel = self.telemetry
+            stale = frozenset(
+                n for n in self.nodes
+                if (t := tel.get(n)) is None or t.last_seen is None or t.last_seen < bound
+            )
+            self._stale_cache = (now, stale)
+            return stale
 
     def unit_states(self) -> dict[str, int]:
         """Units by state for the metrics, per node from what the extender itself tracks (no
@@ -655,9 +689,7 @@ class ClusterState:
                     "last_error": tel.last_error if tel else None,
                     "sources": list(tel.sources) if tel else [],
                 }
-            problems = {
-                name: p for name in self.nodes if (p := self.node_problem(name)) is not None
-            }
+            problems = dict(self.problem_nodes)
             return {
                 "now": now,
                 "synced": self.synced,

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from extender.binder import AlreadyBound, BindError, KubeBinder
+from extender.binder import AlreadyBound, BindError, BindUncertain, KubeBinder
 from extender.config import ExtenderConfig
 from extender.serve import ExtenderService
 from tests.fakes.kube_fixtures import FakeKube
@@ -238,7 +238,7 @@ def test_50_concurrent_binds_onto_one_node(fake_kube, start_extender) -> None:
     ok = [n for n, e in errors.items() if e == ""]
     # 79.6 GiB per GPU: three 20 GiB pods each, never four
     assert len(ok) == 6
-    assert all("over memory" in e for e in errors.values() if e)
+    assert all("over memory" in e for e in errors.values() if e), errors
     mem_by_unit: dict[str, int] = {}
     for p in s.list("pods"):
         ann = p["metadata"].get("annotations") or {}
@@ -293,3 +293,54 @@ def test_kube_binder_against_the_api(fake_kube) -> None:
     s.stop()
     with pytest.raises(BindError, match="failed"):
         b.bind("default", "p", uid, "n0", {})
+
+
+def test_kube_binder_settles_lost_answers(fake_kube) -> None:
+    s = fake_kube.server
+    b = KubeBinder(fake_kube.api_client)
+    uid = s.add_pod(copack_pod("p"))["metadata"]["uid"]
+    # the connection drops before the server acted: not bound, safe to roll back
+    s.fail_next("bind", drop=True)
+    with pytest.raises(BindError, match="the pod is not bound") as e:
+        b.bind("default", "p", uid, "n0", {"copack.io/unit": "GPU-x"})
+    assert not isinstance(e.value, (AlreadyBound, BindUncertain))
+    # the server bound the pod, then the answer was lost: read back as AlreadyBound
+    s.fail_next("bind", drop_after=True)
+    with pytest.raises(AlreadyBound) as e:
+        b.bind("default", "p", uid, "n0", {"copack.io/unit": "GPU-x"})
+    assert e.value.node == "n0" and e.value.annotations == {"copack.io/unit": "GPU-x"}
+    # neither the answer nor the pod can be read: uncertain
+    uid2 = s.add_pod(copack_pod("q"))["metadata"]["uid"]
+    s.fail_next("bind", drop_after=True)
+    s.fail_next("get", 100, drop=True, resource="pods")  # (urllib3 retries GETs itself)
+    with pytest.raises(BindUncertain):
+        b.bind("default", "q", uid2, "n0", {"copack.io/unit": "GPU-y"})
+    s.clear_faults()
+    assert s.get("pods", "q", "default")["spec"]["nodeName"] == "n0"
+
+
+def test_lost_binding_answers_never_overcommit(fake_kube, start_extender) -> None:
+    s = fake_kube.server
+    s.create("nodes", gpu_node("n0", gpu_units("n0", 1)))
+    ext = start_extender()
+    for name in ("a", "b", "c", "d", "e"):
+        s.add_pod(copack_pod(name, demand="sm=0.1,bw=0.1,mem=20Gi"))
+    pods = {n: _pod_json(fake_kube, n) for n in ("a", "b", "c", "d", "e")}
+    for pod in pods.values():
+        ext.post("filter", extender_args(pod, ["n0"]))
+    # a: bound by the server, answer lost -> adopted as success
+    s.fail_next("bind", drop_after=True)
+    assert ext.post("bind", binding_args(pods["a"], "n0")).json()["Error"] == ""
+    # b: bound, answer lost, pod unreadable -> reported, capacity stays reserved
+    s.fail_next("bind", drop_after=True)
+    s.fail_next("get", 100, drop=True, resource="pods")
+    err = ext.post("bind", binding_args(pods["b"], "n0")).json()["Error"]
+    s.clear_faults()
+    assert "unknown" in err
+    assert ext.state.view.unit_of("default/b") == "GPU-n0-0"
+    # c fits (3 x 20 GiB), d and e do not: the lost answers never freed memory
+    results = [ext.post("bind", binding_args(pods[n], "n0")).json()["Error"] for n in "cde"]
+    assert results[0] == "" and all("over memory" in r for r in results[1:])
+    bound = [p["metadata"]["name"] for p in s.list("pods") if p["spec"].get("nodeName")]
+    assert sorted(bound) == ["a", "b", "c"]
+    eventually(lambda: ext.state.pods["default/b"].source == "watch", what="b confirmed")

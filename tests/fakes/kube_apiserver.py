@@ -51,10 +51,11 @@ Test knobs (all thread-safe):
                                    gets 410; with kick_watchers, open watches get ERROR 410 too
   server.send_bookmark()           BOOKMARK now on every watch that allows them
   server.fail_next(verb, count=1, status=500, resource=None, subresource=None, reason=None,
-                   message=None, delay_s=0.0, drop=False)
+                   message=None, delay_s=0.0, drop=False, drop_after=False)
                                    the next `count` matching requests fail with `status` (or only
                                    wait `delay_s` then proceed when status is None, or have their
-                                   connection dropped with no answer when drop=True).
+                                   connection dropped with no answer when drop=True, or are
+                                   carried out but lose their answer when drop_after=True).
                                    verb: get|list|watch|create|update|patch|delete, or "bind"
                                    (= create pods/binding), or "*"
   server.requests                  list[RecordedRequest] of every request (method, path, query,
@@ -498,6 +499,7 @@ class _Fault:
     message: str | None
     delay_s: float
     drop: bool
+    drop_after: bool = False
 
     def matches(self, verb: str, resource: str | None, subresource: str | None) -> bool:
         if self.verb == "bind":
@@ -579,7 +581,7 @@ class FakeKubeApiServer:
         class Handler(_Handler):
             fake = server
 
-        httpd = ThreadingHTTPServer((self._host, self._port), Handler)
+        httpd = _Server((self._host, self._port), Handler)
         httpd.daemon_threads = True
         self._httpd = httpd
         self._port = httpd.server_address[1]
@@ -671,10 +673,12 @@ class FakeKubeApiServer:
         message: str | None = None,
         delay_s: float = 0.0,
         drop: bool = False,
+        drop_after: bool = False,
     ) -> None:
         with self._cond:
             self._faults.append(
-                _Fault(verb, count, status, resource, subresource, reason, message, delay_s, drop)
+                _Fault(verb, count, status, resource, subresource, reason, message, delay_s, drop,
+                       drop_after)
             )
 
     def clear_faults(self) -> None:
@@ -1287,6 +1291,19 @@ _ROUTES = [
 ]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients resetting idle keep-alive connections is normal: no traceback for that."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            return
+        super().handle_error(request, client_address)
+
+
 def _abort(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_RDWR)
@@ -1377,7 +1394,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- writing
 
+    _discard = False
+
     def _send_json(self, code: int, body: Any) -> None:
+        if self._discard:
+            self._status = code
+            return
         data = orjson.dumps(body)
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -1422,6 +1444,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         fake = self.fake
         self._status = 0
+        self._discard = False
         split = urlsplit(self.path)
         path = split.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
@@ -1449,7 +1472,11 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(fault.delay_s)
                 if fault.drop:
                     raise _DropConnection
-                if fault.status is not None:
+                if fault.drop_after and route is not None:
+                    self._discard = True  # do the work, lose the answer
+                    route()
+                    raise _DropConnection
+                if fault.status is not None and not fault.drop_after:
                     raise ApiError(
                         fault.status,
                         fault.reason or _REASONS.get(fault.status, "InternalError"),
@@ -1637,6 +1664,9 @@ class _Handler(BaseHTTPRequestHandler):
         return item
 
     def _send_raw_json(self, code: int, data: bytes) -> None:
+        if self._discard:
+            self._status = code
+            return
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -1,0 +1,305 @@
+"""Extender latency over loopback HTTP: filter then prioritize, as kube-scheduler calls them.
+
+A cluster of 5,000 nodes x 8 H100 units with 2 pods bound per unit (80,000 placements) and fresh
+telemetry on every unit is loaded into the real `ClusterState` (the simulator's seam) inside a
+server process running the real app under uvicorn. One client worker then schedules pods one
+after the other over a keep-alive connection (nodeCacheCapable: `NodeNames`): filter, then
+prioritize over the nodes filter kept. Two candidate sizes: 500 names (a rotating window, as
+kube-scheduler's percentageOfNodesToScore search produces: a different list every cycle) and
+all 5,000. The same run measures a no-op endpoint on the same server that only parses the request
+and echoes the names: the floor of HTTP + JSON in this stack.
+
+Prints p50/p99 per verb and for the pair, pods/s sustained by the one worker, the same for the
+no-op, the ratio, and the server's RSS. Goals (issue 3): pair p99 <= 5 ms at 500 names, <= 2x the
+no-op, >= 300 pods/s, RSS <= 300 MiB.
+
+    .venv/bin/python bench/extender_latency.py [--nodes 5000] [--pods 1500] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import orjson
+from fastapi import Request  # resolvable at module level: FastAPI reads the annotation
+
+GI = 1024**3
+H100 = "NVIDIA H100 80GB HBM3"
+H100_MEMORY = 85_520_809_984
+BOUND_DEMANDS = ("sm=0.35,bw=0.15,mem=24Gi", "sm=0.1,bw=0.35,mem=20Gi")  # prefill, decode
+
+
+def _node(i: int) -> dict[str, Any]:
+    from policies.inventory import Inventory, InventoryUnit
+
+    name = f"node-{i:05d}"
+    units = tuple(
+        InventoryUnit(uuid=f"GPU-{i:05d}-{u}", index=u, product=H100, sm_count=132,
+                      memory_bytes=H100_MEMORY)
+        for u in range(8)
+    )
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/hostname": name},
+            "annotations": {"copack.io/inventory": Inventory(units=units).to_annotation(),
+                            "copack.io/agent": f"10.0.{i // 250}.{i % 250}:50051"},
+        },
+        "spec": {},
+        "status": {},
+    }
+
+
+def _bound_pod(i: int, u: int, k: int) -> dict[str, Any]:
+    role = "prefill" if k == 0 else "decode"
+    return {
+        "metadata": {
+            "name": f"vllm-{i:05d}-{u}-{k}", "namespace": "serving",
+            "uid": f"uid-{i:05d}-{u}-{k}", "resourceVersion": "1",
+            "annotations": {
+                "copack.io/role": role, "copack.io/demand": BOUND_DEMANDS[k],
+                "copack.io/unit": f"GPU-{i:05d}-{u}",
+                "copack.io/sm-share": "70" if k == 0 else "30",
+                "copack.io/assigned-at": "2026-01-01T00:00:00Z",
+            },
+        },
+        "spec": {
+            "nodeName": f"node-{i:05d}", "schedulerName": "copack-scheduler",
+            "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.8.0",
+                            "resources": {"limits": {"copack.io/gpu": "1"},
+                                          "requests": {"copack.io/gpu": "1"}}}],
+        },
+        "status": {"phase": "Running"},
+    }
+
+
+def _snapshot(i: int, now: float) -> Any:
+    from node_agent import telemetry_pb2 as pb
+
+    snap = pb.Snapshot(node=f"node-{i:05d}", timestamp=now, sequence=1, interval_s=1.0)
+    for u in range(8):
+        # measured load varies per unit so some units take a new pod and some do not; every
+        # third node is saturated, so filter also has failed nodes (with reasons) to report
+        if i % 3 == 0:
+            tensor, bw = 0.93, 0.9
+        else:
+            tensor = 0.2 + 0.08 * ((i * 8 + u) % 9)
+            bw = 0.25 + 0.07 * ((i * 5 + u) % 8)
+        unit = snap.units.add(uuid=f"GPU-{i:05d}-{u}", product=H100, healthy=True,
+                              source="gpm", timestamp=now, memory_used_bytes=44 * GI,
+                              memory_total_bytes=80 * GI)
+        unit.sm_active.CopyFrom(pb.Metric(present=True, value=0.9, ewma=0.9))
+        unit.tensor_active.CopyFrom(pb.Metric(present=True, value=tensor, ewma=tensor))
+        unit.dram_bw_active.CopyFrom(pb.Metric(present=True, value=bw, ewma=bw))
+    return snap
+
+
+def _serve(n_nodes: int, out: Any) -> None:
+    """Server process: build the state, serve the real app plus /noop, report the port."""
+    import uvicorn
+    from fastapi.responses import Response
+
+    from extender.app import create_app
+    from extender.config import ExtenderConfig
+    from extender.state import ClusterState
+    from policies.config import PolicyConfig
+
+    t0 = time.perf_counter()
+    # a clock frozen at build time keeps every unit's telemetry fresh for the whole run
+    frozen = time.time()
+    state = ClusterState(PolicyConfig(stale_after_s=3600.0), now=lambda: frozen)
+    for i in range(n_nodes):
+        state.upsert_node(_node(i))
+    for i in range(n_nodes):
+        for u in range(8):
+            for k in range(2):
+                state.upsert_pod(_bound_pod(i, u, k))
+    for i in range(n_nodes):
+        state.apply_snapshot(f"node-{i:05d}", _snapshot(i, frozen))
+    state.mark_synced()
+    build_s = time.perf_counter() - t0
+    app = create_app(state, ExtenderConfig(), None)
+
+    @app.post("/noop")
+    async def noop(request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        names = body.get("NodeNames") or []
+        return Response(orjson.dumps({"NodeNames": names, "FailedNodes": {}, "Error": ""}),
+                        media_type="application/json")
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    out.put((sock.getsockname()[1], build_s, len(state.view.pod_keys), state.view.unit_count))
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                  timeout_keep_alive=600)).run(sockets=[sock])
+
+
+class Conn:
+    def __init__(self, port: int) -> None:
+        self.c = http.client.HTTPConnection("127.0.0.1", port)
+        self.c.connect()
+        self.c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.headers = {"Content-Type": "application/json"}
+
+    def post(self, path: str, body: bytes) -> bytes:
+        self.c.request("POST", path, body, self.headers)
+        r = self.c.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{path}: HTTP {r.status}: {data[:200]!r}")
+        return data
+
+
+def _pods(n: int) -> list[dict[str, Any]]:
+    """Pending pods as the API serves them (defaults, uid, resourceVersion)."""
+    from tests.fakes.kube_apiserver import FakeKubeApiServer
+    from tests.fakes.kube_objects import copack_pod
+
+    store = FakeKubeApiServer()
+    out = []
+    for i in range(n):
+        role = "decode" if i % 2 else "prefill"
+        demand = "sm=0.15,bw=0.3,mem=16Gi" if role == "decode" else "sm=0.4,bw=0.1,mem=16Gi"
+        pod = store.add_pod(copack_pod(f"new-{i:05d}", "serving", role=role, demand=demand))
+        out.append({"kind": "Pod", "apiVersion": "v1", **pod})
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _run(conn: Conn, pods: list[dict], names_for: Any, noop: bool, warmup: int) -> dict[str, Any]:
+    f_lat, p_lat, pair_lat, kept = [], [], [], []
+    t_start = None
+    for j, pod in enumerate(pods):
+        if j == warmup:
+            t_start = time.perf_counter()
+        names = names_for(j)
+        t0 = time.perf_counter()
+        if noop:
+            ans = orjson.loads(conn.post("/noop", orjson.dumps(
+                {"Pod": pod, "Nodes": None, "NodeNames": names})))
+            t1 = time.perf_counter()
+            feasible = ans["NodeNames"]
+            if len(feasible) > 1:
+                conn.post("/noop", orjson.dumps({"Pod": pod, "Nodes": None,
+                                                 "NodeNames": feasible}))
+        else:
+            ans = orjson.loads(conn.post("/filter", orjson.dumps(
+                {"Pod": pod, "Nodes": None, "NodeNames": names})))
+            t1 = time.perf_counter()
+            feasible = ans["NodeNames"]
+            if len(feasible) > 1:
+                orjson.loads(conn.post("/prioritize", orjson.dumps(
+                    {"Pod": pod, "Nodes": None, "NodeNames": feasible})))
+        t2 = time.perf_counter()
+        if j >= warmup:
+            f_lat.append(t1 - t0)
+            p_lat.append(t2 - t1)
+            pair_lat.append(t2 - t0)
+            kept.append(len(feasible))
+    elapsed = time.perf_counter() - (t_start or time.perf_counter())
+    return {
+        "filter": (_pct(f_lat, 0.5), _pct(f_lat, 0.99)),
+        "prioritize": (_pct(p_lat, 0.5), _pct(p_lat, 0.99)),
+        "pair": (_pct(pair_lat, 0.5), _pct(pair_lat, 0.99)),
+        "pods_per_s": len(pair_lat) / elapsed,
+        "kept": statistics.mean(kept),
+        "n": len(pair_lat),
+    }
+
+
+def _rss(pid: int) -> tuple[float, float]:
+    cur = peak = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return cur, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=5000)
+    ap.add_argument("--pods", type=int, default=1500, help="pods scheduled per case")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="small run (CI smoke)")
+    a = ap.parse_args()
+    if a.quick:
+        a.nodes, a.pods, a.warmup = 500, 150, 20
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_serve, args=(a.nodes, q), daemon=True)
+    proc.start()
+    try:
+        port, build_s, n_pods, n_units = q.get(timeout=900)
+        print(f"cluster: {a.nodes} nodes x 8 units = {n_units} units, {n_pods} pods placed "
+              f"(state built in {build_s:.1f} s); server pid {proc.pid}; "
+              f"{os.cpu_count()} CPUs")
+        conn = Conn(port)
+        all_names = [f"node-{i:05d}" for i in range(a.nodes)]
+        small = min(500, a.nodes)
+        stride = 389  # windows move like the scheduler's rotating start index
+
+        def window(j: int) -> list[str]:
+            s = (j * stride) % a.nodes
+            return [all_names[(s + k) % a.nodes] for k in range(small)]
+
+        results = {}
+        cases = [(f"{small} names", window)]
+        if a.nodes > small:
+            cases.append((f"{a.nodes} names", lambda j: all_names))
+        for label, names_for in cases:
+            pods = _pods(a.pods + a.warmup)
+            for mode in ("extender", "no-op"):
+                results[(label, mode)] = _run(conn, pods, names_for, mode == "no-op", a.warmup)
+        cur, peak = _rss(proc.pid)
+        print()
+        print(f"{'case':<14} {'endpoint':<9} {'filter p50/p99 ms':>18} "
+              f"{'prioritize p50/p99':>19} {'pair p50/p99 ms':>16} {'pods/s':>7} "
+              f"{'kept':>6}")
+        for (label, mode), r in results.items():
+            f, p, pr = r["filter"], r["prioritize"], r["pair"]
+            print(f"{label:<14} {mode:<9} {f[0]*1e3:8.2f} /{f[1]*1e3:7.2f} "
+                  f"{p[0]*1e3:9.2f} /{p[1]*1e3:7.2f}  {pr[0]*1e3:6.2f} /{pr[1]*1e3:6.2f} "
+                  f"{r['pods_per_s']:7.0f} {r['kept']:6.0f}")
+        print()
+        for label in dict.fromkeys(lbl for lbl, _ in results):
+            ext, nop = results[(label, "extender")], results[(label, "no-op")]
+            print(f"{label}: pair p99 {ext['pair'][1]*1e3:.2f} ms = "
+                  f"{ext['pair'][1] / nop['pair'][1]:.2f}x the no-op "
+                  f"({nop['pair'][1]*1e3:.2f} ms); pods/s {ext['pods_per_s']:.0f} "
+                  f"(no-op {nop['pods_per_s']:.0f})")
+        print(f"extender server RSS: {cur:.0f} MiB now, {peak:.0f} MiB peak")
+        s_ext = results[(f"{small} names", "extender")]
+        s_nop = results[(f"{small} names", "no-op")]
+        print()
+        print("goals: pair p99 <= 5 ms at 500 names: "
+              f"{'met' if s_ext['pair'][1] <= 0.005 else 'MISSED'}; <= 2x no-op: "
+              f"{'met' if s_ext['pair'][1] <= 2 * s_nop['pair'][1] else 'MISSED'}; "
+              f">= 300 pods/s: {'met' if s_ext['pods_per_s'] >= 300 else 'MISSED'}; "
+              f"RSS <= 300 MiB: {'met' if peak <= 300 else 'MISSED'}")
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+if __name__ == "__main__":
+    main()
