@@ -39,6 +39,8 @@ class StubState:
     behaviour: StubBehaviour = field(default_factory=StubBehaviour)
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
 
 
 def _chunk(rid: str, chat: bool, text: str, finish: str | None) -> bytes:
@@ -102,16 +104,22 @@ def create_stub_app(name: str, state: StubState | None = None) -> tuple[FastAPI,
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[bytes]:
-            await asyncio.sleep(b.first_token_delay_s)
-            for i in range(n):
-                if i:
-                    await asyncio.sleep(b.token_delay_s)
-                if b.mode == "cut" and i == 1:
-                    raise RuntimeError("stub cuts the stream")
-                yield _chunk(rid, chat, "x", "length" if i == n - 1 else None)
-            if include_usage:
-                yield b"data: " + orjson.dumps({"id": rid, "choices": [], "usage": usage}) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            st.in_flight += 1  # streams in progress, for concurrency checks
+            st.max_in_flight = max(st.max_in_flight, st.in_flight)
+            try:
+                await asyncio.sleep(b.first_token_delay_s)
+                for i in range(n):
+                    if i:
+                        await asyncio.sleep(b.token_delay_s)
+                    if b.mode == "cut" and i == 1:
+                        raise RuntimeError("stub cuts the stream")
+                    yield _chunk(rid, chat, "x", "length" if i == n - 1 else None)
+                if include_usage:
+                    usage_event = {"id": rid, "choices": [], "usage": usage}
+                    yield b"data: " + orjson.dumps(usage_event) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+            finally:
+                st.in_flight -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -172,3 +172,15 @@ def test_cli_replay_bad_trace_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "error:" in result.output and "missing column" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("cap", "expect_overlap"), [(1, False), (None, True)])
+def test_max_concurrency_caps_requests_in_flight(
+    stub: ServerThread, cap: int | None, expect_overlap: bool
+) -> None:
+    stub.state.behaviour.first_token_delay_s = 0.2  # type: ignore[attr-defined]
+    trace = [TraceRequest(0.0, 5, 2)] * 4
+    report, _ = replay(trace, ReplayConfig(url=stub.url, model="m", max_concurrency=cap))
+    assert report.ok == 4
+    peak = stub.state.max_in_flight  # type: ignore[attr-defined]
+    assert (peak > 1) is expect_overlap, peak
