@@ -29,8 +29,10 @@ class CheckovReport:
     parsing_errors: list[str]
 
 
-def run_checkov(binary: Path, framework: str, files: list[Path]) -> CheckovReport:
-    args = [str(binary), "--framework", framework, "--skip-download", "--output", "json",
+def run_checkov(binary: Path, frameworks: list[str], files: list[Path]) -> CheckovReport:
+    """One checkov process for all files (it takes seconds to start); results of every
+    framework together, each check carrying its `file_path`."""
+    args = [str(binary), "--framework", *frameworks, "--skip-download", "--output", "json",
             "--no-fail-on-crash"]
     for f in files:
         args += ["--file", str(f)]
@@ -48,6 +50,7 @@ def run_checkov(binary: Path, framework: str, files: list[Path]) -> CheckovRepor
         ) from None
     reports = data if isinstance(data, list) else [data]
     out = CheckovReport([], [], [], [])
+    assert {r.get("check_type") for r in reports if "results" in r} <= set(frameworks)
     for r in reports:
         if "results" not in r:  # "no resources found" summary
             continue
@@ -57,3 +60,13 @@ def run_checkov(binary: Path, framework: str, files: list[Path]) -> CheckovRepor
         out.skipped += res.get("skipped_checks", [])
         out.parsing_errors += res.get("parsing_errors", [])
     return out
+
+
+def for_files(report: CheckovReport, names: set[str]) -> CheckovReport:
+    """The part of a report about the files with these base names."""
+
+    def keep(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [c for c in checks if Path(c["file_path"]).name in names]
+
+    return CheckovReport(keep(report.passed), keep(report.failed), keep(report.skipped),
+                         [e for e in report.parsing_errors if Path(e).name in names])

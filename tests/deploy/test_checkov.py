@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.checkov_runner import INSTALL_HINT, CheckovReport, checkov_binary, run_checkov
+from tests.deploy.checkov_runner import (
+    INSTALL_HINT,
+    CheckovReport,
+    checkov_binary,
+    for_files,
+    run_checkov,
+)
 from tests.deploy.manifests import DEPLOY, OVERLAYS, render
 
 MIN_REASON = 40  # characters: a reason, not a shrug
@@ -26,15 +32,35 @@ def checkov() -> Path:
     return binary
 
 
+WEAKENED = "weakened-extender.yaml"
+
+
+def _weakened_extender() -> dict:
+    """The extender with its hardening removed: checkov must flag it (the scanner is live)."""
+    (ext,) = [o for o in render("base") if o["kind"] == "Deployment"
+              and o["metadata"]["name"] == "copack-extender"]
+    c = ext["spec"]["template"]["spec"]["containers"][0]
+    c["securityContext"] = {"privileged": True}
+    del c["resources"]
+    return ext
+
+
 @pytest.fixture(scope="module")
-def k8s_report(checkov: Path, tmp_path_factory: pytest.TempPathFactory) -> CheckovReport:
+def report(checkov: Path, tmp_path_factory: pytest.TempPathFactory) -> CheckovReport:
     out = tmp_path_factory.mktemp("rendered")
     files = []
     for overlay in OVERLAYS:
         f = out / (overlay.replace("/", "-") + ".yaml")
         f.write_text(yaml.safe_dump_all(render(overlay), sort_keys=False))
         files.append(f)
-    return run_checkov(checkov, "kubernetes", files)
+    (out / WEAKENED).write_text(yaml.safe_dump(_weakened_extender()))
+    return run_checkov(checkov, ["kubernetes", "dockerfile"],
+                       [*files, out / WEAKENED, *DOCKERFILES])
+
+
+@pytest.fixture(scope="module")
+def k8s_report(report: CheckovReport) -> CheckovReport:
+    return for_files(report, {o.replace("/", "-") + ".yaml" for o in OVERLAYS})
 
 
 def _describe(checks: list[dict]) -> str:
@@ -80,26 +106,17 @@ def test_no_stale_skip_annotation(k8s_report: CheckovReport) -> None:
     assert not stale, f"skip annotations for checks checkov does not flag: {sorted(stale)}"
 
 
-def test_checkov_passes_on_the_dockerfiles(checkov: Path) -> None:
+def test_checkov_passes_on_the_dockerfiles(report: CheckovReport) -> None:
     assert len(DOCKERFILES) == 2
-    report = run_checkov(checkov, "dockerfile", DOCKERFILES)
-    assert not report.parsing_errors
-    assert not report.failed, _describe(report.failed)
-    assert len(report.passed) > 20
-    for c in report.skipped:
+    docker = for_files(report, {d.name for d in DOCKERFILES})
+    assert not docker.parsing_errors
+    assert not docker.failed, _describe(docker.failed)
+    assert len(docker.passed) > 20
+    for c in docker.skipped:
         reason = c["check_result"].get("suppress_comment", "").strip()
         assert len(reason) >= MIN_REASON, f"{c['check_id']} {c['file_path']}: {reason!r}"
 
 
-def test_checkov_does_flag_what_the_manifests_avoid(checkov: Path, tmp_path: Path) -> None:
-    """The scanner is live: the extender with its hardening removed fails the checks it passes."""
-    objs = render("base")
-    (ext,) = [o for o in objs if o["kind"] == "Deployment"
-              and o["metadata"]["name"] == "copack-extender"]
-    c = ext["spec"]["template"]["spec"]["containers"][0]
-    c["securityContext"] = {"privileged": True}
-    del c["resources"]
-    f = tmp_path / "weakened.yaml"
-    f.write_text(yaml.safe_dump(ext))
-    failed = {x["check_id"] for x in run_checkov(checkov, "kubernetes", [f]).failed}
+def test_checkov_does_flag_what_the_manifests_avoid(report: CheckovReport) -> None:
+    failed = {x["check_id"] for x in for_files(report, {WEAKENED}).failed}
     assert {"CKV_K8S_16", "CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_13"} <= failed, failed
