@@ -3,7 +3,9 @@
 Like NVIDIA Dynamo's SLA planner, every interval it predicts the next interval's load from the
 last ones and divides it by what one pod sustains within the TTFT/TPOT targets, as found by
 profiling (here: the roofline on a reference GPU). Prefill pods are sized on queued work (GPU
-seconds of prefill per second), decode pods on output tokens per second at the largest batch
+seconds of prefill per second, both the interval's mean at the target utilization and its
+busiest ten seconds, since the Azure code trace bursts to 6x its minute average within
+seconds), decode pods on output tokens per second at the largest batch
 whose step time meets the TPOT target. Scale-up is immediate; scale-down waits for several
 intervals in a row to agree, so a burst gap does not tear pods down and build them again.
 It sees only arrivals, never placements, so every policy gets the same pods.
@@ -12,6 +14,7 @@ It sees only arrivals, never placements, so every policy gets the same pods.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +29,8 @@ class Observed:
     prompt_mean: float
     output_mean: float
     prefill_load: float  # reference-GPU seconds of prefill work per second
+    prefill_peak: float = 0.0  # the same over the interval's busiest few seconds
+    rps_peak: float = 0.0  # arrivals per second in that busiest window
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class Target:
     rps: float  # predicted, for the pods' `copack.io/load`
     prompt_mean: float
     output_mean: float
+    rps_peak: float = 0.0  # remembered burst rate, for the decode pods' KV budget
+    prefill_peak: float = 0.0  # remembered burst of prefill work (reference GPU-s per s)
 
 
 class Planner:
@@ -43,19 +50,34 @@ class Planner:
         spec: AutoscalerSpec,
         services: Sequence[ServiceSpec],
         decode_tokens_per_s: Callable[[int, float], float],
+        bursts: Sequence[tuple[float, float]] | None = None,
     ) -> None:
         """`decode_tokens_per_s(service, mean_context)`: what one decode pod sustains on the
-        reference GPU while meeting the service's TPOT target."""
+        reference GPU while meeting the service's TPOT target. `bursts[i]`: the service's
+        burst prefill work and burst request rate known from its traffic history (the floor
+        of what the planner remembers)."""
         self.spec = spec
         self.services = list(services)
         self._decode_cap = decode_tokens_per_s
         self._pred: list[Observed | None] = [None] * len(services)
         self._lower_streak = [[0, 0] for _ in services]
+        self._peaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
+        self._rps_peaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
+        self._bursts = list(bursts) if bursts is not None else [(0.0, 0.0)] * len(services)
 
     def _predict(self, i: int, obs: Observed) -> Observed:
+        self._peaks[i].append(obs.prefill_peak)
+        self._rps_peaks[i].append(obs.rps_peak)
         prev = self._pred[i]
         if prev is None:
-            pred = obs
+            pred = Observed(
+                obs.rps,
+                obs.prompt_mean,
+                obs.output_mean,
+                obs.prefill_load,
+                max(obs.prefill_peak, self._bursts[i][0]),
+                max(obs.rps_peak, self._bursts[i][1]),
+            )
         else:
             a = self.spec.smoothing
             ew = Observed(
@@ -63,6 +85,7 @@ class Planner:
                 prompt_mean=a * obs.prompt_mean + (1 - a) * prev.prompt_mean,
                 output_mean=a * obs.output_mean + (1 - a) * prev.output_mean,
                 prefill_load=a * obs.prefill_load + (1 - a) * prev.prefill_load,
+                prefill_peak=a * obs.prefill_peak + (1 - a) * prev.prefill_peak,
             )
             # Never predict below what just happened: a rising load must be met at once.
             pred = Observed(
@@ -70,6 +93,9 @@ class Planner:
                 prompt_mean=ew.prompt_mean if obs.rps == 0 else max(ew.prompt_mean, 1.0),
                 output_mean=ew.output_mean if obs.rps == 0 else max(ew.output_mean, 1.0),
                 prefill_load=max(ew.prefill_load, obs.prefill_load),
+                # Bursts recur: remember the worst of the last few intervals.
+                prefill_peak=max(max(self._peaks[i]), self._bursts[i][0]),
+                rps_peak=max(max(self._rps_peaks[i]), self._bursts[i][1]),
             )
         self._pred[i] = pred
         return pred
@@ -81,7 +107,11 @@ class Planner:
         u = self.spec.target_utilization
         for i, (svc, obs) in enumerate(zip(self.services, observed, strict=True)):
             pred = self._predict(i, obs)
-            want_pf = math.ceil(pred.prefill_load / u - 1e-9)
+            # Mean load at the target utilization, and the bursts: a prefill queue that grows
+            # for ten seconds breaks every TTFT in it, so the busiest window must fit too.
+            want_pf = math.ceil(
+                max(pred.prefill_load / u, pred.prefill_peak / self.spec.peak_utilization) - 1e-9
+            )
             ctx = max(pred.prompt_mean, 1.0) + max(pred.output_mean, 1.0) / 2
             cap = max(self._decode_cap(i, ctx), 1e-9)
             want_dc = math.ceil(pred.rps * pred.output_mean / (cap * u) - 1e-9)
@@ -90,7 +120,17 @@ class Planner:
             cur_pf, cur_dc = current[i]
             new_pf = self._hysteresis(i, 0, cur_pf, want_pf)
             new_dc = self._hysteresis(i, 1, cur_dc, want_dc)
-            out.append(Target(new_pf, new_dc, pred.rps, pred.prompt_mean, pred.output_mean))
+            out.append(
+                Target(
+                    new_pf,
+                    new_dc,
+                    pred.rps,
+                    pred.prompt_mean,
+                    pred.output_mean,
+                    max(pred.rps_peak, obs.rps_peak),
+                    max(pred.prefill_peak, obs.prefill_peak),
+                )
+            )
         return out
 
     def _hysteresis(self, i: int, role: int, current: int, want: int) -> int:

@@ -17,7 +17,7 @@ def _run(scenario: Scenario, out: Path, policies: list[str] | None, workers: int
     from sim.report import rich_table
     from sim.simulate import run_scenario, write_report
 
-    console = Console()
+    console = Console(width=max(Console().width, 170))
     pols = policies or list(scenario.policies)
     unknown = [p for p in pols if p not in POLICIES]
     if unknown:

@@ -140,7 +140,10 @@ class Engine:
         self.ready_prefill: list[list[int]] = [[] for _ in range(n_services)]
         self.ready_decode: list[list[int]] = [[] for _ in range(n_services)]
         self.wait_prefill: list[list[int]] = [[] for _ in range(n_services)]
-        self.wait_decode: list[list[tuple[int, float]]] = [[] for _ in range(n_services)]
+        # Requests out of prefill waiting for a decode slot: (ids, first-token times).
+        self.wait_decode: list[tuple[np.ndarray, np.ndarray]] = [
+            (np.zeros(0, np.int64), np.zeros(0)) for _ in range(n_services)
+        ]
         # Active prefill requests: request id, pod, cumulative-work mark, own work.
         self.pf_req = np.zeros(0, np.int64)
         self.pf_pod = np.zeros(0, np.int64)
@@ -302,104 +305,142 @@ class Engine:
         if one.any():
             r.finish[ids[one]] = first[one]
             r.tpot[ids[one]] = 0.0
-        for rid, ft in zip(ids[~one].tolist(), first[~one].tolist(), strict=True):
-            self.wait_decode[int(r.service[rid])].append((rid, ft))
+        more = ~one
+        if more.any():
+            ids_m, first_m = ids[more], first[more]
+            svc_m = r.service[ids_m]
+            for s in np.unique(svc_m).tolist():
+                sel = svc_m == s
+                wi, wt = self.wait_decode[s]
+                self.wait_decode[s] = (
+                    np.concatenate((wi, ids_m[sel])),
+                    np.concatenate((wt, first_m[sel])),
+                )
 
     def _route_prefill(self, new: np.ndarray) -> None:
         p, r = self.p, self.req
-        svc_of_new = r.service[new]
-        chosen_req: list[int] = []
-        chosen_pod: list[int] = []
+        chosen_req: list[np.ndarray] = []
+        chosen_pod: list[np.ndarray] = []
+        if len(new):
+            svc_new = r.service[new]
+            present = set(np.unique(svc_new).tolist())
+        else:
+            svc_new, present = None, set()
         for s in range(self.n_services):
+            waiting = self.wait_prefill[s]
+            if s not in present and not waiting:
+                continue
+            mine = new[svc_new == s] if s in present else new[:0]
             pods = self.ready_prefill[s]
-            mine = new[svc_of_new == s] if len(new) else new
             if not pods:
-                if len(mine):
-                    self.wait_prefill[s].extend(mine.tolist())
+                self.wait_prefill[s] = waiting + mine.tolist()
                 continue
-            todo = self.wait_prefill[s] + mine.tolist()
+            todo = np.concatenate([np.asarray(waiting, np.int64), mine]) if waiting else mine
             self.wait_prefill[s] = []
-            if not todo:
+            if len(pods) == 1:
+                chosen_req.append(todo)
+                chosen_pod.append(np.full(len(todo), pods[0], np.int64))
                 continue
+            # Join the pod with the least queued work, in seconds at its current speed.
             speeds = [float(p.speed[q]) for q in pods]
-            # Queued work in seconds at each pod's current speed: join the shortest.
             loads = [
                 float(p.arrived[q] - p.done[q]) / sp for q, sp in zip(pods, speeds, strict=True)
             ]
-            refw = self.ref_work
-            for rid in todo:
-                k = min(range(len(pods)), key=loads.__getitem__)
-                loads[k] += float(refw[rid]) / speeds[k]
-                chosen_req.append(rid)
-                chosen_pod.append(pods[k])
+            refw = self.ref_work[todo].tolist()
+            picks = []
+            rng = range(len(pods))
+            for w in refw:
+                k = min(rng, key=loads.__getitem__)
+                loads[k] += w / speeds[k]
+                picks.append(pods[k])
+            chosen_req.append(todo)
+            chosen_pod.append(np.asarray(picks, np.int64))
         if not chosen_req:
             return
-        ids = np.asarray(chosen_req, np.int64)
-        pods_a = np.asarray(chosen_pod, np.int64)
+        ids = np.concatenate(chosen_req)
+        pods_a = np.concatenate(chosen_pod)
+        if len(ids) == 0:
+            return
         work = self.perf.prefill_work(p.ptype[pods_a], r.service[ids], r.prompt[ids])
         # FIFO marks: cumulative queued work per pod, in routing order.
         order = np.argsort(pods_a, kind="stable")
         po, wo = pods_a[order], work[order]
         cs = np.cumsum(wo)
-        starts = np.r_[0, np.nonzero(np.diff(po))[0] + 1]
-        seg_base = np.repeat(cs[starts] - wo[starts], np.diff(np.r_[starts, len(po)]))
+        starts = np.concatenate(([0], np.nonzero(np.diff(po))[0] + 1))
+        seg_base = np.repeat(cs[starts] - wo[starts], np.diff(np.append(starts, len(po))))
         marks = np.empty_like(work)
         marks[order] = p.arrived[po] + (cs - seg_base)
         totals = np.bincount(pods_a, weights=work, minlength=p.cap)
         touched = np.nonzero(totals)[0]
         p.arrived[touched] += totals[touched]
-        self.pf_req = np.r_[self.pf_req, ids]
-        self.pf_pod = np.r_[self.pf_pod, pods_a]
-        self.pf_mark = np.r_[self.pf_mark, marks]
-        self.pf_work = np.r_[self.pf_work, work]
+        self.pf_req = np.concatenate((self.pf_req, ids))
+        self.pf_pod = np.concatenate((self.pf_pod, pods_a))
+        self.pf_mark = np.concatenate((self.pf_mark, marks))
+        self.pf_work = np.concatenate((self.pf_work, work))
 
     def _decode(
         self, t: float, serving: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dt = self.dt
         p, r = self.p, self.req
-        # Join: requests whose first token is out by the end of this step.
-        j_req: list[int] = []
-        j_pod: list[int] = []
-        j_time: list[float] = []
+        # Join: requests whose first token is out by the end of this step go to the decode
+        # pod with the fewest running requests (least-loaded), within each pod's KV capacity.
         horizon = t + dt
+        jr_parts: list[np.ndarray] = []
+        jp_parts: list[np.ndarray] = []
+        jt_parts: list[np.ndarray] = []
         for s in range(self.n_services):
-            waiting = self.wait_decode[s]
+            wi, wt = self.wait_decode[s]
             pods = self.ready_decode[s]
-            if not waiting or not pods:
+            if len(wi) == 0 or not pods:
                 continue
-            load = [int(p.active[q]) for q in pods]
-            cap = [int(p.max_batch[q]) for q in pods]
-            later: list[tuple[int, float]] = []
-            for rid, ft in waiting:
-                if ft > horizon:
-                    later.append((rid, ft))
-                    continue
-                k = min(range(len(pods)), key=load.__getitem__)
-                if load[k] >= cap[k]:
-                    later.append((rid, ft))
-                    continue
-                load[k] += 1
-                j_req.append(rid)
-                j_pod.append(pods[k])
-                j_time.append(ft)
-            self.wait_decode[s] = later
+            due = wt <= horizon
+            n_due = int(due.sum())
+            if n_due == 0:
+                continue
+            order = np.nonzero(due)[0]
+            order = order[np.argsort(wt[order], kind="stable")]
+            pods_a = np.asarray(pods, np.int64)
+            load = p.active[pods_a]
+            free = np.maximum(p.max_batch[pods_a] - load, 0)
+            n_take = min(n_due, int(free.sum()))
+            if n_take == 0:
+                continue
+            # Water-filling: the j-th request goes to the j-th smallest (load + m, pod) slot.
+            m = np.arange(n_take)
+            lvl = load[:, None] + m[None, :]
+            ok = m[None, :] < free[:, None]
+            cand_lvl = lvl[ok]
+            cand_pod = np.broadcast_to(np.arange(len(pods_a))[:, None], lvl.shape)[ok]
+            pick = np.lexsort((cand_pod, cand_lvl))[:n_take]
+            take = order[:n_take]
+            jr_parts.append(wi[take])
+            jp_parts.append(pods_a[cand_pod[pick]])
+            jt_parts.append(wt[take])
+            keep = np.ones(len(wi), bool)
+            keep[take] = False
+            self.wait_decode[s] = (wi[keep], wt[keep])
+        j_req = bool(jr_parts)
         dc = serving[p.role[serving] == DECODE]
         active_before = p.active[dc].copy()
         busy_start = np.full(p.cap, np.inf)
         busy_start[dc[active_before > 0]] = t
         if j_req:
-            jr = np.asarray(j_req, np.int64)
-            jp = np.asarray(j_pod, np.int64)
-            jt = np.maximum(np.asarray(j_time), t)
+            jr = np.concatenate(jr_parts)
+            jp = np.concatenate(jp_parts)
+            jt = np.maximum(np.concatenate(jt_parts), t)
             np.minimum.at(busy_start, jp, jt)
             np.add.at(p.active, jp, 1)
         if len(dc) == 0:
             return dc, np.zeros(0), np.zeros(0)
         b = p.active[dc]
         running = b > 0
-        mean_ctx = np.where(running, p.ctx_base[dc] / np.maximum(b, 1) + p.iters[dc], 0.0)
-        step_alone = self.perf.decode_step(p.ptype[dc], np.maximum(b, 1), mean_ctx)
+        # Context of the running requests (prompt + tokens so far) plus the joining prompts.
+        ctx_sum = p.ctx_base[dc] + active_before * p.iters[dc]
+        if j_req:
+            ctx_sum = ctx_sum + np.bincount(jp, weights=r.prompt[jr], minlength=p.cap)[dc]
+        mean_ctx = np.where(running, ctx_sum / np.maximum(b, 1), 0.0)
+        step_alone, kern, sm, bw = self.perf.decode_all(p.ptype[dc], np.maximum(b, 1), mean_ctx)
         step = step_alone / p.speed[dc]
         t0 = np.minimum(busy_start[dc], horizon)
         busy_time = np.where(running, horizon - t0, 0.0)
@@ -414,14 +455,13 @@ class Engine:
             marks = join_iter + (r.output[jr] - 1)
             base = r.prompt[jr] - join_iter
             np.add.at(p.ctx_base, jp, base)
-            self.dc_req = np.r_[self.dc_req, jr]
-            self.dc_pod = np.r_[self.dc_pod, jp]
-            self.dc_mark = np.r_[self.dc_mark, marks]
-            self.dc_base = np.r_[self.dc_base, base]
+            self.dc_req = np.concatenate((self.dc_req, jr))
+            self.dc_pod = np.concatenate((self.dc_pod, jp))
+            self.dc_mark = np.concatenate((self.dc_mark, marks))
+            self.dc_base = np.concatenate((self.dc_base, base))
         iters_step = busy_time / step
         p.iters[dc] += iters_step
         p.busy[dc] = busy_time / dt
-        kern, sm, bw = self.perf.decode_use(p.ptype[dc], np.maximum(b, 1), mean_ctx)
         p.kernel[dc], p.sm_use[dc], p.bw_use[dc] = kern, sm, bw
         if len(self.dc_req):
             fin = self.dc_mark <= p.iters[self.dc_pod] + 1e-9
@@ -475,7 +515,7 @@ class Engine:
     def pending_requests(self) -> int:
         return (
             sum(len(w) for w in self.wait_prefill)
-            + sum(len(w) for w in self.wait_decode)
+            + sum(len(w[0]) for w in self.wait_decode)
             + len(self.pf_req)
             + len(self.dc_req)
         )

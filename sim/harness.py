@@ -12,22 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from extender.app import create_app
-from extender.config import validate_config
 from extender.state import ClusterState
 from sim.extender_client import AsgiExtenderClient
-from sim.scenario import Scenario
-
-
-def extender_config(scenario: Scenario, policy: str):
-    """The scenario's `extender:` section with the policy under test."""
-    raw: dict[str, Any] = {
-        k: (dict(v) if isinstance(v, dict) else v) for k, v in scenario.extender.items()
-    }
-    section = dict(raw.get("policy") or {})
-    section.pop("policy", None)
-    section["name"] = policy
-    raw["policy"] = section
-    return validate_config(raw, source=f"scenario {scenario.name}: extender")
+from sim.scenario import Scenario, extender_config
 
 
 class ExtenderHarness:

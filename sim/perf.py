@@ -26,6 +26,7 @@ from workloads.roofline import CALIBRATION, decode_work, prefill_work, step_time
 PREFILL_GRID = np.unique(np.round(np.geomspace(1, 65536, 64)).astype(np.int64))
 BATCH_GRID = np.unique(np.round(np.geomspace(1, 1024, 28)).astype(np.int64)).astype(float)
 CTX_GRID = np.geomspace(8, 131072, 30)
+_PREFILL_GRID_F = PREFILL_GRID.astype(float)
 REP_PROMPT = 1500  # representative prompt for prefill's contention parameters
 REP_BATCH, REP_CTX = 16.0, 1500.0
 
@@ -97,10 +98,16 @@ def _build(model: ModelSpec, unit: UnitType) -> _TypeTables:
     )
 
 
+_LOG_GRIDS: dict[int, np.ndarray] = {}
+
+
 def _bilinear_index(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lg = np.log(grid)
-    lx = np.log(np.clip(x, grid[0], grid[-1]))
-    i = np.clip(np.searchsorted(lg, lx, side="right") - 1, 0, len(grid) - 2)
+    lg = _LOG_GRIDS.get(id(grid))
+    if lg is None:
+        lg = _LOG_GRIDS[id(grid)] = np.log(grid)
+    lx = np.log(np.minimum(np.maximum(x, grid[0]), grid[-1]))
+    i = np.searchsorted(lg, lx, side="right") - 1
+    i = np.minimum(np.maximum(i, 0), len(grid) - 2)
     w = (lx - lg[i]) / (lg[i + 1] - lg[i])
     return i, w
 
@@ -124,6 +131,10 @@ class PerfTables:
             self._stack()
         return self._ids[key]
 
+    def reference_id(self, service: int) -> int:
+        """Perf type of the service's model on the reference unit."""
+        return self._ref_ids[service]
+
     def tables(self, ptype: int) -> _TypeTables:
         return self._types[ptype]
 
@@ -132,10 +143,10 @@ class PerfTables:
         if not ts:
             return
         self._pf = np.stack([t.prefill_s for t in ts])
-        self._dt = np.stack([t.dec_t for t in ts])
-        self._dsm = np.stack([t.dec_sm for t in ts])
-        self._dbw = np.stack([t.dec_bw for t in ts])
-        self._dk = np.stack([t.dec_kernel for t in ts])
+        # [type, batch, ctx, (step s, kernel share, compute share, memory share)]
+        self._dec = np.stack(
+            [np.stack([t.dec_t, t.dec_kernel, t.dec_sm, t.dec_bw], axis=-1) for t in ts]
+        )
         self._pf_sm = np.array([t.pf_sm for t in ts])
         self._pf_bw = np.array([t.pf_bw for t in ts])
         self._pf_k = np.array([t.pf_kernel for t in ts])
@@ -148,13 +159,9 @@ class PerfTables:
     ) -> np.ndarray:
         """Standalone prefill seconds of each request on its pod's unit type."""
         del service
-        lp = np.log(np.clip(prompt, PREFILL_GRID[0], PREFILL_GRID[-1]).astype(float))
-        lg = np.log(PREFILL_GRID.astype(float))
-        i = np.clip(np.searchsorted(lg, lp, side="right") - 1, 0, len(lg) - 2)
-        w = (lp - lg[i]) / (lg[i + 1] - lg[i])
-        rows = self._pf[ptype]
-        idx = np.arange(len(ptype))
-        return rows[idx, i] * (1 - w) + rows[idx, i + 1] * w
+        i, w = _bilinear_index(_PREFILL_GRID_F, np.asarray(prompt, float))
+        rows = self._pf
+        return rows[ptype, i] * (1 - w) + rows[ptype, i + 1] * w
 
     def reference_prefill_work(self, service: np.ndarray, prompt: np.ndarray) -> np.ndarray:
         ref = np.asarray(self._ref_ids, np.int64)[service]
@@ -167,27 +174,29 @@ class PerfTables:
         return self._pf_k[ptype]
 
     # --- decode ---
-    def _interp2(self, tab: np.ndarray, ptype: np.ndarray, b: np.ndarray, c: np.ndarray):
-        i, wi = _bilinear_index(BATCH_GRID, np.asarray(b, float))
-        j, wj = _bilinear_index(CTX_GRID, np.asarray(c, float))
-        v00 = tab[ptype, i, j]
-        v01 = tab[ptype, i, j + 1]
-        v10 = tab[ptype, i + 1, j]
-        v11 = tab[ptype, i + 1, j + 1]
-        return (v00 * (1 - wj) + v01 * wj) * (1 - wi) + (v10 * (1 - wj) + v11 * wj) * wi
+    def decode_all(
+        self, ptype: np.ndarray, batch: np.ndarray, ctx: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(step seconds, kernel share, compute share, memory share) of a decode step, one
+        bilinear lookup for all four."""
+        i, wi = _bilinear_index(BATCH_GRID, np.asarray(batch, float))
+        j, wj = _bilinear_index(CTX_GRID, np.asarray(ctx, float))
+        tab = self._dec
+        wi = wi[:, None]
+        wj = wj[:, None]
+        v = (tab[ptype, i, j] * (1 - wj) + tab[ptype, i, j + 1] * wj) * (1 - wi) + (
+            tab[ptype, i + 1, j] * (1 - wj) + tab[ptype, i + 1, j + 1] * wj
+        ) * wi
+        return v[:, 0], v[:, 1], v[:, 2], v[:, 3]
 
     def decode_step(self, ptype: np.ndarray, batch: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-        return self._interp2(self._dt, ptype, batch, ctx)
+        return self.decode_all(ptype, batch, ctx)[0]
 
     def decode_use(
         self, ptype: np.ndarray, batch: np.ndarray, ctx: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(kernel share, compute share, memory share) of a decode step."""
-        return (
-            self._interp2(self._dk, ptype, batch, ctx),
-            self._interp2(self._dsm, ptype, batch, ctx),
-            self._interp2(self._dbw, ptype, batch, ctx),
-        )
+        return self.decode_all(ptype, batch, ctx)[1:]
 
     # --- contention parameters ---
     def sensitivity(self, ptype: np.ndarray, role: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

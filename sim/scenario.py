@@ -81,11 +81,18 @@ class AutoscalerSpec(_Strict):
     interval_s: float = Field(default=60.0, gt=0)
     # Fraction of a pod's SLO-feasible capacity the planner aims to use (headroom for bursts).
     target_utilization: float = Field(default=0.7, gt=0, le=1)
+    # Utilization allowed during the interval's busiest seconds (prefill bursts).
+    peak_utilization: float = Field(default=1.0, gt=0, le=2)
+    # How many intervals a burst is remembered when sizing prefill.
+    peak_memory: int = Field(default=10, ge=1, le=1000)
     # Weight of the newest interval in the load predictor (1 = last interval only).
     smoothing: float = Field(default=0.5, gt=0, le=1)
     # Scale down only after this many consecutive intervals asking for fewer pods.
     scale_down_after: int = Field(default=3, ge=1)
     startup_s: float = Field(default=30.0, ge=0, description="model load time of a new pod")
+    # Decode pods' declared bandwidth: `elastic` = the smallest share meeting half the TPOT
+    # target (declared in copack.io/demand), `roofline` = the core's free-running estimate.
+    decode_demand: Literal["elastic", "roofline"] = "elastic"
     # The GPU the planner's capacity profile is taken on (Dynamo profiles one GPU type).
     reference_gpu: str = "H100-SXM"
 
@@ -119,6 +126,8 @@ class Scenario(_Strict):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     # Passed to the extender's config for every policy (policy name set per run).
     extender: dict[str, Any] = Field(default_factory=dict)
+    # Per-policy additions to `extender` (deep-merged), e.g. no MPS cap for the baselines.
+    extender_by_policy: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("services")
     @classmethod
@@ -182,6 +191,29 @@ def default_scenario() -> Scenario:
     return load_scenario(DEFAULT_SCENARIO)
 
 
+def extender_config(scenario: Scenario, policy: str) -> Any:
+    """The scenario's `extender:` section (an extender config file's content) with the
+    policy under test; raises the extender's ConfigError naming the bad key."""
+    from extender.config import validate_config
+
+    raw = _merge(scenario.extender, scenario.extender_by_policy.get(policy, {}))
+    section = dict(raw.get("policy") or {})
+    section.pop("policy", None)
+    section["name"] = policy
+    raw["policy"] = section
+    return validate_config(raw, source="extender")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
 def _check_catalog(scenario: Scenario, source: str) -> None:
     """Names the catalogs must know: GPU products, MIG layouts, models, traces."""
     from sim import catalog
@@ -210,6 +242,17 @@ def _check_catalog(scenario: Scenario, source: str) -> None:
                 f"services[{i}].trace: {svc.trace!r} is neither one of "
                 f"{sorted(TRACE_FILES)} nor an existing CSV file"
             )
+    from extender.config import ConfigError
+
+    unknown = sorted(set(scenario.extender_by_policy) - set(POLICIES))
+    if unknown:
+        problems.append(f"extender_by_policy: unknown policy {', '.join(unknown)}")
+    for policy in scenario.policies:
+        try:
+            extender_config(scenario, policy)
+        except ConfigError as e:
+            problems.append(f"{e} (policy {policy})")
+            break
     if problems:
         raise ScenarioError(f"invalid scenario {source}:\n  " + "\n  ".join(problems))
 

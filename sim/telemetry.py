@@ -19,6 +19,7 @@ from sim.cluster import Cluster
 from sim.engine import StepActivity
 
 EWMA_ALPHA = 0.6
+IDLE_EVERY = 3  # ticks between Snapshots of a node without pods
 
 
 class TelemetryAgent:
@@ -35,6 +36,8 @@ class TelemetryAgent:
         self._node_units: dict[str, list[int]] = {}
         for u in cluster.units:
             self._node_units.setdefault(u.node, []).append(u.index)
+        self._snaps: dict[str, pb.Snapshot] = {}
+        self._was_busy: set[str] = set()
         self._gpu_idx_in_node: dict[int, int] = {}
         per_node: dict[str, list[str]] = {}
         for u in cluster.units:
@@ -53,6 +56,32 @@ class TelemetryAgent:
     def due(self, t_next: float) -> bool:
         return t_next + 1e-9 >= self._next
 
+    def _template(self, node: str, idxs: list[int]) -> pb.Snapshot:
+        """A node's Snapshot with the fields that never change filled in once; each tick
+        overwrites the readings in place (the extender copies values out, never keeps it)."""
+        snap = pb.Snapshot(node=node, interval_s=self.interval)
+        for i in idxs:
+            u = self.cluster.units[i]
+            s = snap.units.add()
+            s.uuid = u.uuid
+            if u.gpu_uuid != u.uuid:
+                s.parent_uuid = u.gpu_uuid
+                s.mig_profile = u.type.profile or ""
+                s.gpu_instance_id = i
+            else:
+                s.gpu_instance_id = -1
+            s.gpu_index = self._gpu_idx_in_node[i]
+            s.product = u.type.product
+            s.healthy = True
+            s.source = "gpm"
+            s.memory_total_bytes = int(u.type.memory_bytes)
+            s.sm_count = u.type.sm_count
+            s.sm_share = u.type.sm_fraction
+            s.bandwidth_share = u.type.bw_fraction
+            for m in (s.tensor_active, s.dram_bw_active, s.sm_active, s.sm_occupancy):
+                m.present = True
+        return snap
+
     def snapshots(
         self,
         timestamp: float,
@@ -60,6 +89,8 @@ class TelemetryAgent:
         unit_mem_used: np.ndarray,
         pods: Sequence[Any],
     ) -> Iterator[tuple[str, pb.Snapshot]]:
+        """This tick's Snapshots. Nodes without pods report every IDLE_EVERY-th tick only:
+        their readings are zero either way, and sending them costs the run time."""
         self._next += self.interval
         filled = min(self._k, self.per)
         if filled == 0:
@@ -67,48 +98,40 @@ class TelemetryAgent:
         last = self._buf[:, (self._k - 1) % self.per]
         window = self._buf[:, :filled]
         mean = window.mean(axis=1)
-        p95 = np.percentile(window, 95, axis=1)
+        p95 = np.sort(window, axis=1)[:, min(filled - 1, int(np.ceil(0.95 * filled)) - 1)]
         self._ewma = EWMA_ALPHA * mean + (1 - EWMA_ALPHA) * self._ewma
         self._seq += 1
         refs: dict[int, list[str]] = {}
         for rec in pods:
             if rec.state in ("bound", "draining") and rec.unit >= 0:
                 refs.setdefault(rec.unit, []).append(rec.name)
-        units = self.cluster.units
+        last_l, ewma_l, p95_l = last.tolist(), self._ewma.tolist(), p95.tolist()
+        mem_l = unit_mem_used.tolist()
         for node, idxs in self._node_units.items():
-            snap = pb.Snapshot(
-                node=node, timestamp=timestamp, sequence=self._seq, interval_s=self.interval
-            )
-            for i in idxs:
-                u = units[i]
-                s = snap.units.add()
-                s.uuid = u.uuid
-                if u.gpu_uuid != u.uuid:
-                    s.parent_uuid = u.gpu_uuid
-                    s.mig_profile = u.type.profile or ""
-                    s.gpu_instance_id = i
-                else:
-                    s.gpu_instance_id = -1
-                s.gpu_index = self._gpu_idx_in_node[i]
-                s.product = u.type.product
-                s.healthy = True
-                s.source = "gpm"
+            busy = any(unit_pods[i] > 0 for i in idxs) or node in self._was_busy
+            if not busy and self._seq % IDLE_EVERY:
+                continue
+            if busy:
+                self._was_busy.add(node)
+            if not any(unit_pods[i] > 0 for i in idxs):
+                self._was_busy.discard(node)
+            snap = self._snaps.get(node)
+            if snap is None:
+                snap = self._snaps[node] = self._template(node, idxs)
+            snap.timestamp = timestamp
+            snap.sequence = self._seq
+            for s, i in zip(snap.units, idxs, strict=True):
                 s.timestamp = timestamp
-                for field, k in (("tensor_active", 0), ("dram_bw_active", 1), ("sm_active", 2)):
-                    m = getattr(s, field)
-                    m.present = True
-                    m.value = float(last[k, i])
-                    m.ewma = float(self._ewma[k, i])
-                    m.p95 = float(p95[k, i])
-                s.sm_occupancy.present = True
-                s.sm_occupancy.value = s.sm_occupancy.ewma = s.sm_occupancy.p95 = float(
-                    min(1.0, last[0, i] + 0.2 * last[1, i])
-                )
-                s.memory_used_bytes = int(max(unit_mem_used[i], 0))
-                s.memory_total_bytes = int(u.type.memory_bytes)
-                s.sm_count = u.type.sm_count
-                s.sm_share = u.type.sm_fraction
-                s.bandwidth_share = u.type.bw_fraction
+                for m, k in (
+                    (s.tensor_active, 0), (s.dram_bw_active, 1), (s.sm_active, 2)
+                ):
+                    m.value = last_l[k][i]
+                    m.ewma = ewma_l[k][i]
+                    m.p95 = p95_l[k][i]
+                occ = min(1.0, last_l[0][i] + 0.2 * last_l[1][i])
+                s.sm_occupancy.value = s.sm_occupancy.ewma = s.sm_occupancy.p95 = occ
+                s.memory_used_bytes = int(max(mem_l[i], 0))
+                del s.pods[:]
                 for name in refs.get(i, ()):
                     ref = s.pods.add()
                     ref.namespace = "inference"

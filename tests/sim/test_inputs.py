@@ -1,0 +1,131 @@
+"""Traces, scenario files and their validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim.scenario import ScenarioError, default_scenario, load_scenario, parse_scenario
+from sim.traces import DATA_DIR_ENV, TraceError, load_trace, replay
+
+SMALL = {
+    "name": "t",
+    "duration_s": 120,
+    "cluster": {"pools": [{"name": "a", "count": 1, "gpus_per_node": 2, "product": "H100-SXM"}]},
+    "services": [
+        {
+            "name": "s1",
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "trace": "conv",
+            "slo": {"ttft_s": 1, "tpot_s": 0.05},
+        }
+    ],
+}
+
+
+def test_azure_traces_load_with_their_published_shape():
+    code, conv = load_trace("code"), load_trace("conv")
+    assert len(code) == 8819 and len(conv) == 19366
+    assert code.prompt_tokens.mean() == pytest.approx(2048, rel=0.01)
+    assert conv.output_tokens.mean() == pytest.approx(211, rel=0.01)
+    assert np.all(np.diff(conv.arrival_s) >= 0) and conv.arrival_s[0] == 0.0
+
+
+def test_replay_scales_rate_and_is_deterministic():
+    conv = load_trace("conv")
+    t1, _p1, _ = replay(conv, duration_s=3500, rate=1.0, rng=np.random.default_rng(1))
+    t2, p2, _ = replay(conv, duration_s=3500, rate=2.5, rng=np.random.default_rng(1))
+    t3, p3, _ = replay(conv, duration_s=3500, rate=2.5, rng=np.random.default_rng(1))
+    assert len(t2) / len(t1) == pytest.approx(2.5, rel=0.05)
+    assert np.array_equal(t2, t3) and np.array_equal(p2, p3)
+    assert t2.min() >= 0 and t2.max() < 3500
+    fast, _, _ = replay(conv, duration_s=1750, time_scale=2.0, rng=np.random.default_rng(1))
+    assert len(fast) == pytest.approx(len(t1), rel=0.02)
+
+
+def test_replay_loops_a_trace_shorter_than_the_window():
+    code = load_trace("code")
+    t, _, _ = replay(code, duration_s=2 * 3600, rng=np.random.default_rng(0))
+    assert t.max() > 3600 and len(t) == pytest.approx(2 * len(code), rel=0.05)
+
+
+def test_data_dir_override_and_bad_files(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    load_trace.cache_clear()
+    try:
+        with pytest.raises(TraceError, match=DATA_DIR_ENV):
+            load_trace("code")
+        bad = tmp_path / "bad.csv"
+        bad.write_text("time,in,out\n1,2,3\n")
+        with pytest.raises(TraceError, match="header must be"):
+            load_trace(str(bad))
+        worse = tmp_path / "worse.csv"
+        worse.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,abc,3\n")
+        with pytest.raises(TraceError, match="line 2"):
+            load_trace(str(worse))
+    finally:
+        load_trace.cache_clear()
+
+
+def test_default_scenario_is_valid_and_matches_the_issue():
+    s = default_scenario()
+    assert sum(p.count for p in s.cluster.pools) == 16
+    assert {p.gpus_per_node for p in s.cluster.pools} == {8}
+    assert s.duration_s == 3600
+    models = {svc.model for svc in s.services}
+    assert {
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "Qwen/Qwen2.5-32B-Instruct",
+    } <= models
+    assert any(p.mig_layouts for p in s.cluster.pools)
+    assert {p.sharing for p in s.cluster.pools} == {"mps", "time-slicing"}
+    assert set(s.policies) == {"dedicated", "spread", "binpack", "complementary"}
+
+
+def _bad(mutate) -> str:
+    import copy
+
+    raw = copy.deepcopy(SMALL)
+    mutate(raw)
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(raw, "x.yaml")
+    return str(e.value)
+
+
+def test_validation_errors_name_the_field():
+    assert parse_scenario(SMALL).name == "t"
+    msg = _bad(
+        lambda r: r["cluster"]["pools"][0].update(mig_layouts=[["3g.40gb", "3g.40gb", "1g.10gb"]])
+    )
+    assert "cluster.pools[0].mig_layouts[0]" in msg and "does not fit" in msg
+    msg = _bad(lambda r: r["services"][0].update(model="gpt-5"))
+    assert "services[0].model" in msg and "unknown model" in msg
+    msg = _bad(lambda r: r["cluster"]["pools"][0].update(product="TPU-v5"))
+    assert "cluster.pools[0].product" in msg
+    msg = _bad(lambda r: r["services"][0].update(rate=-1))
+    assert "services.0.rate" in msg
+    msg = _bad(lambda r: r.update(colour="blue"))
+    assert "colour" in msg and "Extra inputs" in msg
+    msg = _bad(lambda r: r["services"].append(dict(r["services"][0])))
+    assert "duplicate service names" in msg
+    msg = _bad(lambda r: r.update(policies=["fastest"]))
+    assert "policies.0" in msg
+    msg = _bad(lambda r: r["services"][0].update(trace="nope.csv"))
+    assert "services[0].trace" in msg
+    msg = _bad(lambda r: r.update(extender={"policy": {"overcommit": 9}}))
+    assert "extender" in msg and "overcommit" in msg
+
+
+def test_load_scenario_reports_unreadable_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(ScenarioError, match="cannot read"):
+        load_scenario(tmp_path / "missing.yaml")
+    f = tmp_path / "s.yaml"
+    f.write_text("name: [unclosed\n")
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(f)
+    f.write_text("- a list\n")
+    with pytest.raises(ScenarioError, match="mapping"):
+        load_scenario(f)

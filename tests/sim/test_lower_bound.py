@@ -1,0 +1,81 @@
+"""The fluid lower bound fills the biggest GPUs first, per dimension, and takes the worst."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sim.cluster import build_cluster
+from sim.lower_bound import fluid_lower_bound
+from sim.scenario import ClusterSpec
+from workloads.gpu_catalog import gpu_spec
+
+
+def _cluster():
+    return build_cluster(
+        ClusterSpec.model_validate(
+            {
+                "pools": [
+                    {"name": "a", "count": 1, "gpus_per_node": 2, "product": "H100-SXM"},
+                    {"name": "b", "count": 1, "gpus_per_node": 1, "product": "H200"},
+                ]
+            }
+        )
+    )
+
+
+def test_bound_is_the_binding_dimension():
+    cl = _cluster()
+    h100, h200 = gpu_spec("H100-SXM"), gpu_spec("H200")
+    inputs = np.array(
+        [
+            [0.0, 0.0, 0.0],
+            [0.5 * h100.bf16_flops, 0.0, 0.0],  # half a GPU of compute
+            [0.0, h200.hbm_bw + 0.5 * h100.hbm_bw, 0.0],  # the H200 first, then half an H100
+            [0.0, 0.0, h200.memory_bytes * 1.0],  # exactly the H200's memory
+            [0.1 * h100.bf16_flops, 0.2 * h200.hbm_bw, 3 * h200.memory_bytes],  # beyond the cluster
+        ]
+    )
+    lb = fluid_lower_bound(cl, inputs)
+    assert lb[0] == 0.0
+    assert lb[1] == pytest.approx(0.5)
+    assert lb[2] == pytest.approx(1.5)
+    assert lb[3] == pytest.approx(1.0)
+    extra = 3 * h200.memory_bytes - h200.memory_bytes - 2 * h100.memory_bytes
+    assert lb[4] == pytest.approx(3 + extra / h100.memory_bytes)
+
+
+def test_cluster_units_and_inventory():
+    from policies.inventory import GPU_RESOURCE, INVENTORY_ANNOTATION, Inventory
+
+    cl = build_cluster(
+        ClusterSpec.model_validate(
+            {
+                "slots_per_unit": 3,
+                "pools": [
+                    {
+                        "name": "m",
+                        "count": 1,
+                        "gpus_per_node": 2,
+                        "product": "H100-SXM",
+                        "mig_layouts": [["3g.40gb", "3g.40gb"], ["4g.40gb", "2g.20gb", "1g.10gb"]],
+                        "sharing": "time-slicing",
+                    }
+                ],
+            }
+        )
+    )
+    node = cl.nodes[0]
+    inv = Inventory.from_annotation(node["metadata"]["annotations"][INVENTORY_ANNOTATION])
+    assert [u.mig_profile for u in inv.units] == [
+        "3g.40gb", "3g.40gb", "4g.40gb", "2g.20gb", "1g.10gb"
+    ]
+    assert {u.parent for u in inv.units} == set(cl.gpu_uuids)
+    assert node["status"]["allocatable"][GPU_RESOURCE] == "15"
+    assert node["metadata"]["labels"]["copack.io/sharing"] == "time-slicing"
+    assert cl.gpu_count == 2 and len(cl.units) == 5
+    # UUIDs derive from node names: the same scenario always builds the same cluster.
+    spec = {"pools": [{"name": "m", "count": 1, "gpus_per_node": 2, "product": "H100-SXM"}]}
+    one = build_cluster(ClusterSpec.model_validate(spec))
+    two = build_cluster(ClusterSpec.model_validate(spec))
+    assert one.gpu_uuids == two.gpu_uuids and one.nodes == two.nodes
