@@ -91,6 +91,8 @@ def explain(
     timeout: Annotated[float, typer.Option(help="seconds")] = 5.0,
 ) -> None:
     """Ask a running extender why it placed (or refused) a pod."""
+    import ssl
+
     import httpx
     import orjson
 
@@ -100,8 +102,11 @@ def explain(
         _fail(f"{pod!r} is not NAMESPACE/POD")
     target = f"{url.rstrip('/')}/explain/{ns}/{name}"
     try:
-        r = httpx.get(target, timeout=timeout, verify=cacert if cacert else True)
-    except httpx.HTTPError as e:
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=cacert) if cacert else True
+        )
+        r = httpx.get(target, timeout=timeout, verify=verify)
+    except (httpx.HTTPError, OSError) as e:  # OSError: an unreadable --cacert
         _fail(f"cannot reach the extender at {url}: {e}", 1)
         return
     try:

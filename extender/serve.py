@@ -81,13 +81,14 @@ class ExtenderService:
         )
         self.app = create_app(self.state, config, self.binder)
         self._sock: socket.socket | None = None
+        self._port: int | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        assert self._sock is not None
-        return self._sock.getsockname()[1]
+        assert self._port is not None, "not started"
+        return self._port
 
     @property
     def url(self) -> str:
@@ -118,6 +119,7 @@ class ExtenderService:
     def start(self) -> ExtenderService:
         """Serve in a background thread (tests, benchmarks)."""
         self._sock = _listen_socket(self.config.listen.host, self.config.listen.port)
+        self._port = self._sock.getsockname()[1]
         self._start_background()
         self._server = self._uvicorn()
         self._thread = threading.Thread(
@@ -135,6 +137,7 @@ class ExtenderService:
     def run(self) -> None:
         """Serve in the foreground until SIGINT/SIGTERM (the CLI)."""
         self._sock = _listen_socket(self.config.listen.host, self.config.listen.port)
+        self._port = self._sock.getsockname()[1]
         self._start_background()
         self._server = self._uvicorn()
         log.info("copack extender listening on %s", self.url)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -34,6 +35,7 @@ from policies.inventory import (
     UNIT_ANNOTATION,
     Inventory,
     InventoryError,
+    InventoryUnit,
 )
 from policies.model import PodRequest
 
@@ -79,6 +81,7 @@ class PodInfo:
     namespace: str
     name: str
     uid: str
+    key: str  # "namespace/name", one string shared by every index (80,000 pods add up)
     rv: str = ""
     node: str | None = None
     unit: str | None = None
@@ -89,10 +92,6 @@ class PodInfo:
     source: str = "watch"  # "watch": seen bound in the API; "bind": assumed by our own bind
     assumed_at: float | None = None
     placed: bool = False  # recorded in the ClusterView
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -280,7 +279,7 @@ class ClusterState:
             info.has_inventory = inv_text is not None
             if inv_text is not None:
                 try:
-                    units = Inventory.from_annotation(inv_text).units
+                    units = tuple(_compact(u) for u in Inventory.from_annotation(inv_text).units)
                 except InventoryError as e:
                     info.inventory_error = str(e)
             info.unit_count = len(units)
@@ -362,7 +361,7 @@ class ClusterState:
             node = spec.get("nodeName") or None
             unit = ann.get(UNIT_ANNOTATION) or None
             if info is None:
-                info = self.pods[key] = PodInfo(ns, name, uid)
+                info = self.pods[key] = PodInfo(ns, name, uid, key)
             info.rv = rv
             try:
                 info.request = pod_request_from_k8s(pod)
@@ -375,8 +374,8 @@ class ClusterState:
                 if info.placed and info.node == node and info.unit == unit:
                     info.source = "watch"  # our assumption confirmed
                     return
-                self._set_node_of(info, node)
-                info.unit, info.sm_share, info.source = unit, sm, "watch"
+                self._set_node_of(info, sys.intern(node))
+                info.unit, info.sm_share, info.source = sys.intern(unit), sm, "watch"
                 info.assigned_at = at
                 self._place(info)
             elif info.source == "bind" and info.unit:
@@ -493,7 +492,9 @@ class ClusterState:
                 self._forget(key)
                 info = None
             if info is None:
-                info = self.pods[key] = PodInfo(request.namespace, request.name, request.uid)
+                info = self.pods[key] = PodInfo(
+                    request.namespace, request.name, request.uid, key
+                )
             info.request = request
             self._set_node_of(info, node)
             info.unit, info.sm_share, info.assigned_at = unit, sm_share, at
@@ -703,6 +704,19 @@ class ClusterState:
                 "view_version": view["version"],
                 "counters": {f"{a}:{b}": c for (a, b), c in sorted(self.counters.items())},
             }
+
+
+_UNIT_FIELDS = frozenset(InventoryUnit.model_fields)
+
+
+def _compact(u: InventoryUnit) -> InventoryUnit:
+    """The same validated unit, sharing one fields-set and interned strings: 40,000 units
+    cost ~17 MB instead of ~46 MB."""
+    d = dict(u.__dict__)
+    for k in ("product", "mig_profile", "parent"):
+        if isinstance(d.get(k), str):
+            d[k] = sys.intern(d[k])
+    return InventoryUnit.model_construct(_fields_set=_UNIT_FIELDS, **d)
 
 
 def _batches(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
