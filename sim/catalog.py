@@ -80,10 +80,10 @@ def unit_type(product: str, profile: str | None) -> UnitType:
 def layout_problem(product: str, layout: list[str]) -> str | None:
     """Why a MIG layout cannot be carved on this GPU, or None when it can."""
     spec = gpu_spec(product)
+    if not layout:
+        return None  # this GPU stays whole (MIG off)
     if not spec.mig_capable:
         return f"{spec.key} does not support MIG"
-    if not layout:
-        return "a MIG layout needs at least one profile"
     for name in layout:
         try:
             mig_profile(spec.key, name)

@@ -43,7 +43,7 @@ def _pct(x: np.ndarray, q: float) -> float:
     """Percentile with unfinished requests (NaN) counted as infinitely late."""
     if len(x) == 0:
         return float("nan")
-    return float(np.percentile(np.where(np.isnan(x), np.inf, x), q))
+    return float(np.percentile(np.where(np.isnan(x), np.inf, x), q, method="higher"))
 
 
 def lower_bound_hours(results: Sequence[RunResult]) -> float:

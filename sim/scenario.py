@@ -33,7 +33,8 @@ class NodePool(_Strict):
     count: int = Field(ge=1, le=10_000)
     gpus_per_node: int = Field(ge=1, le=16)
     product: str = Field(min_length=1, description="GPU catalog key or NVML product name")
-    # MIG layouts cycled over the node's GPUs; empty = whole GPUs (MIG off).
+    # MIG layouts cycled over the node's GPUs ([] in the list: that GPU stays whole); no list:
+    # every GPU whole (MIG off).
     mig_layouts: list[list[str]] = Field(default_factory=list)
     sharing: Literal["mps", "time-slicing"] = "mps"
     cpu: int = Field(default=192, ge=1)
@@ -102,6 +103,8 @@ class SchedulerSpec(_Strict):
 
     extender_weight: int = Field(default=5, ge=1, le=100)
     node_cache_capable: bool = True
+    # How the extender is reached: `asgi` (its app in-process) or `http` (uvicorn, loopback).
+    extender_transport: Literal["asgi", "http"] = "asgi"
     # Resources LeastAllocated scores (kube default: cpu and memory, weight 1 each).
     least_allocated_resources: list[str] = Field(default_factory=lambda: ["cpu", "memory"])
     # 0 = kube's adaptive default (50 % - nodes/125, at least 5 % and 100 nodes).

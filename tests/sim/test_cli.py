@@ -1,0 +1,60 @@
+"""`copack sim --config FILE` end to end, and its answers to bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from copack.cli import app
+from tests.sim.conftest import small_raw
+
+runner = CliRunner()
+
+
+def test_sim_command_writes_the_table_and_a_self_contained_report(tmp_path: Path):
+    raw = small_raw(duration_s=120, policies=["dedicated", "complementary"])
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["sim", "--config", str(cfg), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    for word in ("dedicated", "complementary", "fluid lower bound", "GPU-h", "SLO met"):
+        assert word in res.output
+    report = out / "small-report.html"
+    assert f"report: {report}" in res.output.replace("\n", "")
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert "<table>" in html and "complementary" in html
+
+
+def test_sim_command_runs_policies_in_parallel_processes(tmp_path: Path):
+    raw = small_raw(duration_s=60, policies=["spread", "binpack"])
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(
+        app, ["sim", "-c", str(cfg), "--out", str(tmp_path), "--workers", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "spread" in res.output and "binpack" in res.output
+
+
+def test_bad_scenario_is_a_clear_error_not_a_traceback(tmp_path: Path):
+    raw = small_raw()
+    raw["services"][0]["slo"] = {"ttft_s": -1, "tpot_s": 0.05}
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["sim", "--config", str(cfg)])
+    assert res.exit_code == 2
+    assert "services.0.slo.ttft_s" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["sim", "--config", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 2 and "cannot read scenario" in res.output
+
+
+def test_unknown_policy_flag_is_refused(tmp_path: Path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(small_raw(duration_s=30)))
+    res = runner.invoke(app, ["sim", "-c", str(cfg), "--policy", "fastest"])
+    assert res.exit_code != 0 and "fastest" in res.output

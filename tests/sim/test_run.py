@@ -1,0 +1,96 @@
+"""Whole runs of the small scenario through the real extender: invariants, determinism, the
+baselines' defining properties, and the same answers over loopback HTTP as in-process."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from policies.inventory import ASSIGNED_AT_ANNOTATION, SM_SHARE_ANNOTATION, UNIT_ANNOTATION
+from sim.run import RunResult, run_policy
+from sim.scenario import POLICIES, parse_scenario
+from sim.workload import build_workload
+from tests.sim.conftest import small_raw
+
+
+@pytest.fixture(scope="module")
+def runs(small) -> dict[str, RunResult]:
+    wl = build_workload(small)
+    return {p: run_policy(small, p, wl) for p in POLICIES}
+
+
+def test_every_request_is_served_or_counted_as_a_miss(runs):
+    for r in runs.values():
+        req = r.requests
+        met = r.slo_met()
+        assert len(met) == len(req) > 100
+        unfinished = np.isnan(req.finish)
+        assert not met[unfinished].any()
+        done = ~unfinished
+        assert np.all(req.ttft[done] > 0) and np.all(req.tpot[done] >= 0)
+        assert np.all(req.finish[done] >= req.first_token[done])
+        # met means both targets were met
+        svc = req.service[met]
+        assert np.all(req.ttft[met] <= r.ttft_slo[svc]) and np.all(req.tpot[met] <= r.tpot_slo[svc])
+
+
+def test_no_unit_over_memory_and_bound_above_lower_bound(runs):
+    for r in runs.values():
+        assert 0 < r.max_unit_mem_frac <= 1.0, r.policy
+        assert r.gpu_hours >= r.lb_gpu_hours > 0, r.policy
+        assert r.peak_gpus <= r.gpu_count
+        assert 0 <= r.mean_sm <= 1 and 0 <= r.mean_bw <= 1
+
+
+def test_dedicated_gives_every_pod_its_own_unit(runs):
+    r = runs["dedicated"]
+    assert r.max_pods_per_unit == 1
+    live = Counter(p.unit for p in r.pods if p.state != "deleted" and p.unit >= 0)
+    assert live and max(live.values()) == 1
+
+
+def test_placements_come_from_the_extender(runs):
+    for r in runs.values():
+        bound = [p for p in r.pods if p.unit >= 0]
+        assert bound
+        for p in bound:
+            ann = p.obj["metadata"]["annotations"]
+            assert ann[UNIT_ANNOTATION] and ASSIGNED_AT_ANNOTATION in ann
+            assert 1 <= int(ann[SM_SHARE_ANNOTATION]) <= 100
+            assert p.obj["spec"]["nodeName"] == p.node
+        assert r.extender_calls["bind"] >= len(bound)
+        assert r.extender_calls["filter"] >= r.extender_calls["bind"]
+
+
+def test_sharing_policies_share(runs):
+    assert runs["complementary"].max_pods_per_unit >= 2
+    assert runs["complementary"].gpu_hours < runs["dedicated"].gpu_hours
+
+
+def test_deterministic_for_a_seed(small, runs):
+    again = run_policy(small, "complementary", build_workload(small))
+    first = runs["complementary"]
+    assert np.array_equal(again.requests.ttft, first.requests.ttft, equal_nan=True)
+    assert np.array_equal(again.requests.tpot, first.requests.tpot, equal_nan=True)
+    assert [(p.name, p.unit) for p in again.pods] == [(p.name, p.unit) for p in first.pods]
+    assert again.gpu_seconds == first.gpu_seconds
+
+
+def test_another_seed_changes_the_traffic(small):
+    other = parse_scenario(small_raw(seed=4), "small")
+    a, b = build_workload(small), build_workload(other)
+    assert len(a) != len(b) or not np.array_equal(a.arrival, b.arrival)
+
+
+def test_loopback_http_gives_the_same_run(small, runs):
+    raw = small_raw()
+    raw["scheduler"] = {"extender_transport": "http", "node_cache_capable": False}
+    over_http = parse_scenario(raw, "small-http")
+    r = run_policy(over_http, "complementary", build_workload(over_http))
+    first = runs["complementary"]
+    assert [(p.name, p.unit, p.sm_share) for p in r.pods] == [
+        (p.name, p.unit, p.sm_share) for p in first.pods
+    ]
+    assert np.array_equal(r.requests.ttft, first.requests.ttft, equal_nan=True)
