@@ -78,6 +78,11 @@ class KubeConfigSection(_Strict):
     # An assumed placement whose pod never shows up bound in the watch is dropped after this.
     bind_confirm_timeout_s: float = Field(default=120.0, gt=0.0)
     bind_timeout_s: float = Field(default=4.0, gt=0.0)
+    # Which pods to watch: copack's own, not finished (a pod leaving the selector arrives as
+    # DELETED). "" watches every pod of the cluster.
+    pod_field_selector: str = (
+        "spec.schedulerName=copack-scheduler,status.phase!=Succeeded,status.phase!=Failed"
+    )
 
 
 class TelemetrySection(_Strict):
@@ -190,6 +195,9 @@ kube:
   backoff_max_s: 30
   bind_confirm_timeout_s: 120
   bind_timeout_s: 4
+  # which pods to watch ("" = all): copack's own, unfinished
+  pod_field_selector: >-
+    spec.schedulerName=copack-scheduler,status.phase!=Succeeded,status.phase!=Failed
 telemetry:
   enabled: true
   statistic: ewma         # value | ewma | p95 of the agent's readings

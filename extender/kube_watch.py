@@ -49,6 +49,7 @@ class ResourceWatcher:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 30.0,
         page_size: int = 5000,
+        field_selector: str = "",
     ) -> None:
         if resource not in ("nodes", "pods"):
             raise ValueError(f"cannot watch {resource!r}")
@@ -62,6 +63,7 @@ class ResourceWatcher:
         self._backoff_initial = backoff_initial_s
         self._backoff_max = backoff_max_s
         self._page_size = page_size
+        self._selector = {"field_selector": field_selector} if field_selector else {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._resp: Any = None
@@ -123,7 +125,7 @@ class ResourceWatcher:
         rv = ""
         while True:
             kwargs: dict[str, Any] = {"limit": self._page_size, "_preload_content": False,
-                                      "_request_timeout": 60}
+                                      "_request_timeout": 60, **self._selector}
             if cont:
                 kwargs["_continue"] = cont
             resp = self._list(**kwargs)
@@ -150,6 +152,7 @@ class ResourceWatcher:
                 timeout_seconds=int(self._watch_timeout),
                 _preload_content=False,
                 _request_timeout=(10, self._watch_timeout + 30),
+                **self._selector,
             )
         except ApiException as e:
             if e.status == 410:
@@ -207,9 +210,17 @@ def _reason(e: Exception) -> str:
 class ClusterWatcher:
     """Both watchers together, plus the periodic sweep of unconfirmed binds."""
 
-    def __init__(self, api_client: k8s.ApiClient, state: ClusterState, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        state: ClusterState,
+        pod_field_selector: str = "",
+        **kwargs: Any,
+    ) -> None:
         self.nodes = ResourceWatcher(api_client, "nodes", state, **kwargs)
-        self.pods = ResourceWatcher(api_client, "pods", state, **kwargs)
+        self.pods = ResourceWatcher(
+            api_client, "pods", state, field_selector=pod_field_selector, **kwargs
+        )
         self._state = state
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="copack-sweep", daemon=True)

@@ -138,6 +138,12 @@ class Scheduler:
             )
         s = self.state
         with s.lock:
+            if args.nodes is not None:
+                # nodeCacheCapable=false: the scheduler's own Node objects are authoritative;
+                # take any our watch has not delivered yet instead of calling them unknown
+                for node in args.nodes:
+                    if node["metadata"]["name"] not in s.nodes:
+                        s.upsert_node(node)
             now = s.now()
             d = decide(s.view, req, args.node_names, now, s.policy, s.demand_model)
             feasible = d.feasible_nodes

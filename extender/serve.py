@@ -71,6 +71,7 @@ class ExtenderService:
             watch_timeout_s=config.kube.watch_timeout_s,
             backoff_initial_s=config.kube.backoff_initial_s,
             backoff_max_s=config.kube.backoff_max_s,
+            pod_field_selector=config.kube.pod_field_selector,
         )
         self.telemetry = (
             TelemetrySubscriber(

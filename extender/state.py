@@ -670,38 +670,67 @@ class ClusterState:
         with self.lock:
             return len({p.unit for p in self.pods.values() if p.placed and p.unit})
 
-    def to_dict(self) -> dict[str, Any]:
+    def _telemetry_dict(self, name: str, now: float) -> dict[str, Any]:
+        tel = self.telemetry.get(name)
+        age = self.telemetry_age(name, now)
+        return {
+            "state": tel.state if tel else "none",
+            "age_s": None if age is None else round(age, 3),
+            "stale": age is None or age > self.policy.stale_after_s,
+            "sequence": tel.sequence if tel else None,
+            "reconnects": tel.reconnects if tel else 0,
+            "last_error": tel.last_error if tel else None,
+            "sources": list(tel.sources) if tel else [],
+        }
+
+    def to_dict(self, node: str | None = None) -> dict[str, Any]:
+        """What /debug/state serves: everything, or only `node`'s units, pods and telemetry."""
         with self.lock:
             now = self.now()
             stale_after = self.policy.stale_after_s
-            view = self.view.to_dict(now=now, stale_after_s=stale_after)
-            for name, n in view["nodes"].items():
+            if node is None:
+                view = self.view.to_dict(now=now, stale_after_s=stale_after)
+                nodes, placements = view["nodes"], view["pods"]
+                pending, version = view["pending_pods"], view["version"]
+                pods = {k: p.to_dict() for k, p in self.pods.items()}
+                problems = dict(self.problem_nodes)
+            else:
+                v = self.view
+                nodes, placements, pending = {}, {}, {}
+                if v.has_node(node):
+                    units = []
+                    for uuid in v.units_of(node):
+                        u = v.unit(uuid)
+                        recs = v.pods_on(uuid)
+                        placements.update({r.key: r.to_dict() for r in recs})
+                        units.append({
+                            "uuid": uuid, "type": str(v.unit_type(uuid)),
+                            "index": u.index if u else None, "parent": u.parent if u else None,
+                            "pods": sorted(r.key for r in recs),
+                            "load": v.unit_load(uuid, now, stale_after),
+                        })
+                    nodes[node] = {"mps": v.node_mps(node), "labels": v.node_labels(node),
+                                   "units": units}
+                version = v.version
+                keys = self._pods_by_node.get(node, set())
+                pods = {k: self.pods[k].to_dict() for k in sorted(keys) if k in self.pods}
+                problems = {node: self.problem_nodes[node]} if node in self.problem_nodes else {}
+            for name, n in nodes.items():
                 info = self.nodes.get(name)
-                tel = self.telemetry.get(name)
-                age = self.telemetry_age(name, now)
                 n["agent"] = info.agent if info else None
                 n["agent_error"] = info.agent_error if info else None
-                n["telemetry"] = {
-                    "state": tel.state if tel else "none",
-                    "age_s": None if age is None else round(age, 3),
-                    "stale": age is None or age > stale_after,
-                    "sequence": tel.sequence if tel else None,
-                    "reconnects": tel.reconnects if tel else 0,
-                    "last_error": tel.last_error if tel else None,
-                    "sources": list(tel.sources) if tel else [],
-                }
-            problems = dict(self.problem_nodes)
+                n["telemetry"] = self._telemetry_dict(name, now)
             return {
                 "now": now,
                 "synced": self.synced,
                 "watch_errors": dict(self._watch_errors),
                 "policy": self.policy.to_dict(),
-                "nodes": view["nodes"],
+                "nodes": nodes,
                 "node_problems": problems,
-                "placements": view["pods"],
-                "pending_placements": view["pending_pods"],
-                "pods": {k: p.to_dict() for k, p in self.pods.items()},
-                "view_version": view["version"],
+                "placements": placements,
+                "pending_placements": pending,
+                "pods": pods,
+                "view_version": version,
                 "counters": {f"{a}:{b}": c for (a, b), c in sorted(self.counters.items())},
             }
 

@@ -124,8 +124,16 @@ def test_watch_events_update_the_state(fake_kube, start_extender) -> None:
     pod = s.add_pod(copack_pod("p", demand="sm=0.1,bw=0.1,mem=8Gi"))
     s.bind("default", "p", "n0", pod["metadata"]["uid"], {"copack.io/unit": "GPU-n0-0"})
     eventually(lambda: ext.state.view.unit_of("default/p") == "GPU-n0-0", what="placement")
-    s.set_pod_phase("default", "p", "Succeeded")
+    # pods of other schedulers are not copack's (the watch's field selector leaves them out)
+    other = copack_pod("other", demand="sm=0.1,bw=0.1,mem=8Gi")
+    other["spec"]["schedulerName"] = "default-scheduler"
+    uid = s.add_pod(other)["metadata"]["uid"]
+    s.bind("default", "other", "n0", uid, {"copack.io/unit": "GPU-n0-0"})
+    watch = s.requests_matching(verb="watch", resource="pods")[-1]
+    assert "spec.schedulerName=copack-scheduler" in watch.query["fieldSelector"]
+    s.set_pod_phase("default", "p", "Succeeded")  # leaves the selector: arrives as DELETED
     eventually(lambda: ext.state.view.unit_of("default/p") is None, what="finished pod freed")
+    assert "default/other" not in ext.state.pods
     s.delete("nodes", "n0")
     eventually(lambda: not ext.state.view.has_node("n0"), what="node removed")
 

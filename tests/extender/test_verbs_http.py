@@ -82,6 +82,18 @@ def test_filter_full_nodes_mode_echoes_node_objects(cluster, api) -> None:
     assert set(body["FailedAndUnresolvableNodes"]) == {"plain"}
 
 
+def test_full_nodes_mode_takes_nodes_the_watch_has_not_delivered(make_served, api) -> None:
+    state, srv = make_served()
+    fresh = api.node(gpu_node("late", gpu_units("late", 1)))
+    pod = api.pod(copack_pod("p", role="decode", demand="sm=0.2,bw=0.4,mem=30Gi"))
+    body = srv.post("filter", extender_args(pod, [fresh], cache_capable=False)).json()
+    assert body["Nodes"]["items"] == [fresh]
+    assert state.view.units_of("late") == ["GPU-late-0"]
+    # in NodeNames mode a name alone is not enough: unknown
+    body = srv.post("filter", extender_args(pod, ["later"])).json()
+    assert "unknown node" in body["FailedNodes"]["later"]
+
+
 def test_pod_without_copack_gpu_passes_through(cluster, api) -> None:
     _, srv, nodes = cluster
     pod = api.pod(copack_pod("web", gpu=None))
@@ -296,6 +308,11 @@ def test_metrics_debug_state_and_explain(cluster, api) -> None:
     assert dbg["placements"]["default/p"]["unit"].startswith("GPU-n0-")
     assert dbg["nodes"]["n1"]["telemetry"]["stale"] is True
     assert "plain" in dbg["node_problems"]
+    one = srv.client.get("/debug/state", params={"node": "n1"}).json()
+    assert list(one["nodes"]) == ["n1"]
+    assert sorted(one["placements"]) == [f"default/big-{i}" for i in range(4)]
+    assert set(one["pods"]) == set(one["placements"])
+    assert one["nodes"]["n1"]["units"] == dbg["nodes"]["n1"]["units"]
     ex = srv.client.get("/explain/default/p").json()
     assert ex["decision"]["chosen"]["node"] == "n0"
     assert ex["bind"]["unit"] == ex["state"]["unit"]
