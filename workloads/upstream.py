@@ -9,10 +9,23 @@ client always reads the answer after sending the request) and go out as one writ
 
 from __future__ import annotations
 
+import select
+import socket
 import typing
 
 import httpcore
 import httpx
+
+
+def _socket_readable(sock: socket.socket | None) -> bool:
+    """True when a read would not block: on an idle keep-alive connection that means the
+    server closed it (or sent stray bytes), so httpcore must not reuse it."""
+    fd = -1 if sock is None else sock.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _CoalescingStream(httpcore.AsyncNetworkStream):
@@ -20,6 +33,9 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
         self._inner = inner
         self._pending: list[bytes] = []
         self._pending_timeout: float | None = None
+        # Looked up once: httpcore asks "is_readable" before every reuse of a connection and
+        # anyio's typed-attribute lookup of the socket costs more than the poll itself.
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
 
     async def _flush(self) -> None:
         if self._pending:
@@ -50,6 +66,8 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
         return _CoalescingStream(tls)
 
     def get_extra_info(self, info: str) -> typing.Any:
+        if info == "is_readable" and self._socket is not None:
+            return _socket_readable(self._socket)
         return self._inner.get_extra_info(info)
 
 

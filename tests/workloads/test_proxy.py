@@ -325,3 +325,18 @@ def test_simple_forward_of_a_failing_backend_is_a_json_502(rig: Rig) -> None:
     r = rig.client.post("/tokenize", json={"prompt": "a"})
     assert r.status_code == 502
     assert r.json()["error"]["backend"] == rig.prefill[0][0].url
+
+
+def test_backend_restart_does_not_fail_the_next_request(rig: Rig) -> None:
+    """The proxy keeps connections alive; one the backend closed must be noticed (readable
+    while idle) and replaced, not reused into a 502."""
+    body = {"model": "m", "prompt": "a", "max_tokens": 2}
+    assert rig.client.post("/v1/completions", json=body).status_code == 200
+    for i, (server, _) in enumerate(rig.decode):
+        server.stop()
+        app, state = create_stub_app("d-restarted")
+        rig.decode[i] = (ServerThread(app, port=server.port).start(), state)
+    for _ in range(3):
+        r = rig.client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+    assert len(rig.decode[0][1].requests) == 3
