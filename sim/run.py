@@ -307,7 +307,7 @@ def run_policy(
             # Its share of the burst work, in requests of the mean prompt.
             per_req = float(
                 perf.reference_prefill_work(
-                    np.array([i]), np.array([max(round(target.prompt_mean), 1)])
+                    np.array([i]), np.array([max(round(target.prompt_mean or 1024), 1)])
                 )[0]
             )
             rps = max(rps, target.prefill_peak / max(n, 1) / a.peak_utilization / per_req)

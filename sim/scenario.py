@@ -132,6 +132,30 @@ class Scenario(_Strict):
     # Per-policy additions to `extender` (deep-merged), e.g. no MPS cap for the baselines.
     extender_by_policy: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_copies(cls, data: Any) -> Any:
+        """`copies: N` on a service stands for N tenants of the same shape: services
+        `<name>-00`..`<name>-NN`, each replaying its trace from a different offset."""
+        if not isinstance(data, dict) or not isinstance(data.get("services"), list):
+            return data
+        out: list[Any] = []
+        for svc in data["services"]:
+            if not isinstance(svc, dict) or "copies" not in svc:
+                out.append(svc)
+                continue
+            svc = dict(svc)
+            n = svc.pop("copies")
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1000:
+                raise ValueError(f"service {svc.get('name')!r}: copies must be an integer 1..1000")
+            spread = float(svc.pop("copy_offset_s", 397.0))
+            for k in range(n):
+                c = dict(svc)
+                c["name"] = f"{svc.get('name')}-{k:02d}"
+                c["offset_s"] = float(svc.get("offset_s", 0.0)) + k * spread
+                out.append(c)
+        return {**data, "services": out}
+
     @field_validator("services")
     @classmethod
     def _unique_services(cls, services: list[ServiceSpec]) -> list[ServiceSpec]:
