@@ -244,39 +244,39 @@ class Decision:
             out[t] = rows
         return out
 
-    def _type_reasons(self, row: int) -> str:
-        bad = [t for t, rows in self._row_bad_types.items() if rows[row]]
-        return "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in bad)
-
     @cached_property
     def failed_nodes(self) -> dict[str, str]:
         if self.refusal:
             return dict.fromkeys(self.candidates, self.refusal)
-        out: dict[str, str] = {}
         bad = np.flatnonzero(~self._feasible_mask)
         if not len(bad):
-            return out
+            return {}
+        names = self._pick(self.candidates, bad.tolist())
         rows = self.cand_row[bad]
         known = rows >= 0
-        counts = self._row_reason_counts[rows[known]].tolist() if known.any() else []
-        memo: dict[tuple[int, ...], str] = {}
-        it = iter(counts)
-        for i, row, k in zip(bad.tolist(), rows.tolist(), known.tolist(), strict=True):
-            name = self.candidates[i]
-            if not k:
-                out[name] = "unknown node: no copack inventory seen for it"
-                continue
-            key = tuple(next(it))
-            if key[fz.UNIT_TYPE]:
-                key = (*key, row)  # names the unit types: per node
-            msg = memo.get(key)
-            if msg is None:
-                msg = fz.summarize(np.asarray(key[: fz.N_REASONS]))
-                if key[fz.UNIT_TYPE]:
-                    msg = f"{msg} ({self._type_reasons(row)})"
-                memo[key] = msg
-            out[name] = msg
-        return out
+        msgs: list[str] = ["unknown node: no copack inventory seen for it"] * len(bad)
+        if known.any():
+            # Nodes fail for a handful of distinct reasons: group identical reason counts (and
+            # unusable unit types) with np.unique and format each group once.
+            krows = rows[known]
+            key = self._row_reason_counts[krows]
+            bad_types = sorted(self._row_bad_types)
+            if bad_types:
+                flags = np.stack([self._row_bad_types[t][krows] for t in bad_types], axis=1)
+                key = np.hstack([key, flags.astype(key.dtype)])
+            uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+            texts = []
+            for u in uniq.tolist():
+                text = fz.summarize(np.asarray(u[: fz.N_REASONS]))
+                types = [t for t, f in zip(bad_types, u[fz.N_REASONS :], strict=True) if f]
+                if types:
+                    why = "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in types)
+                    text = f"{text} ({why})"
+                texts.append(text)
+            known_msgs = self._pick(texts, inverse.ravel().tolist())
+            it = iter(known_msgs)
+            msgs = [next(it) if k else m for k, m in zip(known.tolist(), msgs, strict=True)]
+        return dict(zip(names, msgs, strict=True))
 
     @cached_property
     def stale_nodes(self) -> list[str]:
