@@ -155,3 +155,18 @@ def test_activity_reports_bandwidth_bound_decode():
     assert act.dram[0] > 0.5 > act.tensor[0]  # decode: bandwidth, not tensor pipes
     assert act.dram[0] <= 1.0 and act.sm_active[0] <= 1.0
     assert act.bytes_per_s > 0
+
+
+def test_decode_context_does_not_drift_on_a_long_running_pod():
+    # A pod that has run for a long time has a large iteration count; the mean context of its
+    # batch must still be prompt + tokens so far (regression: joins skewed it by the count).
+    arrivals = np.linspace(0.0, 2.0, 20)
+    eng, perf, pt = _engine(arrivals, np.full(20, 2048), np.full(20, 101))
+    eng.add_pod(0, PREFILL, 0, pt, 1.0, 0.0, 1)
+    d = eng.add_pod(0, DECODE, 0, pt, 1.0, 0.0, 64)
+    eng.p.iters[d] = 5e5
+    _run(eng, 8.0)
+    r = eng.req
+    assert not np.isnan(r.tpot).any()
+    slowest = perf.decode_step(np.array([pt]), np.array([20]), np.array([2048 + 101]))[0]
+    assert np.all(r.tpot <= 1.2 * slowest)
