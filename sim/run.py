@@ -121,7 +121,6 @@ class SimBinder:
 
     def __init__(self) -> None:
         self.pods: dict[tuple[str, str], PodRecord] = {}
-        self.bound: list[PodRecord] = []
 
     def bind(
         self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
@@ -144,7 +143,6 @@ class SimBinder:
         rec.obj["spec"]["nodeName"] = node
         meta.setdefault("annotations", {}).update(annotations)
         meta["resourceVersion"] = str(int(meta.get("resourceVersion", "1")) + 1)
-        self.bound.append(rec)
 
 
 def _observe(
@@ -490,6 +488,7 @@ def run_policy(
         if k % series_every == 0:
             gpus_series.append(n_used)
         if telemetry.due(t + dt):
+            now[0] = t + dt  # the tick covers the step just served
             for node, snap in telemetry.snapshots(EPOCH + t + dt, unit_pods, unit_mem_used, pods):
                 harness.apply_snapshot(node, snap)
         if progress is not None and k % 200 == 0:
