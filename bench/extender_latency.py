@@ -129,6 +129,11 @@ def _serve(n_nodes: int, out: Any) -> None:
         state.apply_snapshot(f"node-{i:05d}", _snapshot(i, frozen))
     state.mark_synced()
     build_s = time.perf_counter() - t0
+    if os.environ.get("BENCH_GC_FREEZE", "1") == "1":
+        import gc
+
+        gc.collect()
+        gc.freeze()  # what `copack extender serve` does once synced (extender/serve.py)
     app = create_app(state, ExtenderConfig(), None)
 
     @app.post("/noop")

@@ -15,8 +15,10 @@ replaces the resource's contents atomically, so decisions never see a half-liste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -80,14 +82,10 @@ class ResourceWatcher:
         self._stop.set()
         resp = self._resp
         if resp is not None:
-            try:  # unblock a read waiting on the stream
-                sock = getattr(getattr(resp, "connection", None), "sock", None)
-                if sock is not None:
-                    import socket
-
+            sock = getattr(getattr(resp, "connection", None), "sock", None)
+            if sock is not None:  # unblock a read waiting on the stream
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -162,18 +160,18 @@ class ResourceWatcher:
         state = self._state
         upsert = state.upsert_node if self.resource == "nodes" else state.upsert_pod
         try:
-            buf = b""
+            buf = bytearray()
             for chunk in resp.stream(amt=None, decode_content=False):
                 if self._stop.is_set():
                     return
                 buf += chunk
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        break
-                    line, buf = buf[:nl], buf[nl + 1 :]
+                start = 0
+                while (nl := buf.find(b"\n", start)) >= 0:
+                    line = bytes(buf[start:nl])
+                    start = nl + 1
                     if line.strip():
                         self._event(orjson.loads(line), upsert)
+                del buf[:start]
         finally:
             self._resp = None
             resp.release_conn()

@@ -4,7 +4,7 @@ rebuild placements from pod annotations, concurrent binds, failed bindings."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -228,20 +228,19 @@ def test_50_concurrent_binds_onto_one_node(fake_kube, start_extender) -> None:
         assert ext.post("filter", extender_args(pod, ["n0"])).json()["NodeNames"] == ["n0"]
         pods.append(pod)
     errors: dict[str, str] = {}
-    barrier = threading.Barrier(50)
 
-    def bind(pod: dict) -> None:
-        with httpx.Client(base_url=ext.svc.url, timeout=30) as c:
-            barrier.wait()
-            r = c.post("/bind", content=orjson.dumps(binding_args(pod, "n0")))
+    async def bind_all() -> None:
+        # one event loop, 50 connections, all 50 requests in flight at once
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+        async with httpx.AsyncClient(base_url=ext.svc.url, timeout=60, limits=limits) as c:
+            answers = await asyncio.gather(*(
+                c.post("/bind", content=orjson.dumps(binding_args(p, "n0"))) for p in pods
+            ))
+        for p, r in zip(pods, answers, strict=True):
             assert r.status_code == 200
-            errors[pod["metadata"]["name"]] = r.json()["Error"]
+            errors[p["metadata"]["name"]] = r.json()["Error"]
 
-    threads = [threading.Thread(target=bind, args=(p,)) for p in pods]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    asyncio.run(bind_all())
     assert len(errors) == 50
     ok = [n for n, e in errors.items() if e == ""]
     # 79.6 GiB per GPU: three 20 GiB pods each, never four
