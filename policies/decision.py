@@ -328,7 +328,8 @@ class Decision:
 
     def explain(self, limit: int = 200) -> dict[str, Any]:
         """JSON-able account: the pod, its demand per unit type, the chosen unit with its load,
-        demand and residual headroom, every candidate node's score or reason, and up to `limit`
+        demand and residual headroom, each candidate node's score or reason (over 2 x `limit`
+        candidates: the `limit` best and `limit` failed ones, with totals), and up to `limit`
         rejected units with their reason and load."""
         req = self.request
         out: dict[str, Any] = {
@@ -394,7 +395,12 @@ class Decision:
         nodes: dict[str, Any] = {}
         failed, scores, best = self.failed_nodes, self.scores, self.best_unit
         stale = set(self.stale_nodes)
-        for name in self.candidates:
+        shown = self.candidates
+        if len(shown) > 2 * limit:  # big clusters: the best `limit` nodes and `limit` failures
+            top = sorted(scores, key=lambda n: (-scores[n], n))[:limit]
+            shown = top + list(failed)[:limit]
+            out["nodes_omitted"] = len(self.candidates) - len(shown)
+        for name in shown:
             if name in scores:
                 nodes[name] = {"score": scores[name], "best_unit": best.get(name)}
             else:
@@ -402,6 +408,8 @@ class Decision:
             if name in stale:
                 nodes[name]["stale_telemetry"] = True
         out["nodes"] = nodes
+        out["feasible_nodes_total"] = len(scores)
+        out["failed_nodes_total"] = len(failed)
         code = self.reason_codes
         cand_rows = np.zeros(self.rows, dtype=bool)
         for row in self.cand_row[self.cand_row >= 0].tolist():

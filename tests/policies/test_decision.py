@@ -302,3 +302,15 @@ def test_empty_cluster(demand_model: DemandModel) -> None:
     assert d.chosen is None and d.scores == {} and "unknown node" in d.failed_nodes["nowhere"]
     assert decide(v, r, None, NOW, PolicyConfig(), demand_model).failed_nodes == {}
     assert json.loads(json.dumps(d.explain()))["nodes"]["nowhere"]["reason"]
+
+
+def test_explain_of_a_big_cluster_is_bounded(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    for i in range(30):
+        v.set_node(f"n{i:02d}", [whole_gpu(f"n{i:02d}", 0, healthy=i % 3 != 0)])
+    r = PodRequest("ns", "p", demand=DemandOverride(0.2, 0.2, GiB))
+    e = decide(v, r, None, NOW, PolicyConfig(), demand_model).explain(limit=5)
+    assert e["feasible_nodes_total"] == 20 and e["failed_nodes_total"] == 10
+    assert len(e["nodes"]) == 10 and e["nodes_omitted"] == 20
+    assert sum("score" in n for n in e["nodes"].values()) == 5
+    assert len(e["rejected_units"]) == 5 and e["rejected_units_total"] == 10
