@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 import socket
 import threading
 import time
@@ -156,6 +157,14 @@ class ExtenderService:
         self._start_background()
         self._server = self._uvicorn()
         log.info("copack extender listening on %s", self.url)
+
+        def _exit(signum: int, frame: Any) -> None:
+            raise SystemExit(0)
+
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal: end with
+        # status 0 after stopping the watchers instead of dying by the signal
+        signal.signal(signal.SIGTERM, _exit)
+        signal.signal(signal.SIGINT, _exit)
         try:
             self._server.run(sockets=[self._sock])
         finally:
