@@ -5,9 +5,9 @@ takes seconds (FACTS #5), and the typed watch helper hides 410s behind a silent 
 its own error handling with `deserialize=False` (FACTS #3). So this is a small informer:
 
     list (resourceVersion R) -> state.replace_*  -> watch from R (bookmarks on) -> events
-        410 Gone (HTTP or in-stream ERROR)  -> relist
-        any other error / dropped connection -> backoff, re-watch from the last R
-                                                (relist if that fails again with 410)
+        410 Gone (HTTP or in-stream ERROR)  -> relist at once
+        any other error / dropped connection -> backoff, re-watch from the last R; a second
+                                                error in a row (no event between) -> relist
         stream ended normally (timeoutSeconds) -> re-watch from the last R
 
 The state is marked synced only when both resources have been listed once, and a relist
@@ -70,6 +70,7 @@ class ResourceWatcher:
         self._thread: threading.Thread | None = None
         self._resp: Any = None
         self.resource_version: str | None = None
+        self._delivered = 0  # events delivered by the current watch
 
     def start(self) -> ResourceWatcher:
         self._thread = threading.Thread(
@@ -94,13 +95,16 @@ class ResourceWatcher:
     def _run(self) -> None:
         backoff = self._backoff_initial
         need_list = True
+        failures = 0  # consecutive failed watches
         while not self._stop.is_set():
             try:
                 if need_list:
                     self._relist()
                     need_list = False
+                self._delivered = 0
                 self._watch()
                 backoff = self._backoff_initial  # a clean end (timeoutSeconds): re-watch
+                failures = 0
                 continue
             except _Expired:
                 self._state.count("watch_restarts", f"{self.resource}:expired")
@@ -113,6 +117,11 @@ class ResourceWatcher:
                 self._state.count("watch_restarts", f"{self.resource}:{reason}")
                 self._state.watch_error(self.resource, f"{type(e).__name__}: {e}")
                 log.info("watch %s: %s; retrying in %.1fs", self.resource, e, backoff)
+                # One failure (a dropped connection) loses nothing: re-watch from the last
+                # resourceVersion. A second in a row without an event between: relist.
+                failures = 1 if self._delivered else failures + 1
+                if failures >= 2:
+                    need_list = True
             self._stop.wait(backoff * (0.5 + random.random()))
             backoff = min(self._backoff_max, backoff * 2)
 
@@ -185,6 +194,7 @@ class ResourceWatcher:
                 raise _Expired
             raise ApiException(status=obj.get("code", 500), reason=obj.get("message", ""))
         rv = meta.get("resourceVersion")
+        self._delivered += 1
         if etype in ("ADDED", "MODIFIED"):
             upsert(obj)
         elif etype == "DELETED":

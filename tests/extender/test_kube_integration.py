@@ -168,6 +168,14 @@ def test_dropped_watch_reconnects_and_relists_only_when_needed(fake_kube, start_
     # re-watched from the last resourceVersion: no relist was needed
     assert len(s.requests_matching(verb="list")) == lists
     assert 'reason="dropped"' in ext.http.get("/metrics").text
+    # the re-watch itself fails too (two errors in a row): relist with backoff
+    node_lists = len(s.requests_matching(verb="list", resource="nodes"))
+    s.fail_next("watch", 1, 500, resource="nodes")
+    s.drop_watches()
+    eventually(lambda: len(s.requests_matching(verb="list", resource="nodes")) > node_lists,
+               what="relist of nodes after two watch errors in a row")
+    s.wait_for_watches(2)
+    lists = len(s.requests_matching(verb="list"))
     # dropped while history expired: the re-watch gets 410 and relists
     s.drop_watches()
     s.create("nodes", gpu_node("n1", gpu_units("n1", 1)))
