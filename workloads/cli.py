@@ -46,6 +46,9 @@ def serve(
     shared_storage_path: Annotated[
         str, typer.Option(help="KV directory of the example connector")
     ] = "/tmp/copack-kv",
+    cpu_cores: Annotated[
+        str | None, typer.Option(help="CPU device: cores for vLLM's threads, e.g. 0-3")
+    ] = None,
     python: Annotated[str, typer.Option(help="interpreter that has vLLM")] = sys.executable,
     dry_run: Annotated[bool, typer.Option(help="print the command and exit")] = False,
 ) -> None:
@@ -65,6 +68,7 @@ def serve(
         enforce_eager=enforce_eager,
         side_channel_port=side_channel_port,
         shared_storage_path=shared_storage_path,
+        cpu_cores=cpu_cores,
         python=python,
         extra_args=split_extra(ctx.args),
     )

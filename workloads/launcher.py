@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ MAX_GPU_MEMORY_UTILIZATION = 0.92  # leave room for the CUDA context of a neighb
 SHARED_DEFAULT_UTILIZATION = 0.45
 
 
+_CORE_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _LAUNCHER_FLAGS = frozenset(
     {"--model", "--host", "--port", "--kv-transfer-config", "--served-model-name"}
 )
@@ -71,6 +73,7 @@ class ServeSpec:
     enforce_eager: bool = False
     side_channel_port: int = DEFAULT_SIDE_CHANNEL_PORT
     shared_storage_path: str = "/tmp/copack-kv"
+    cpu_cores: str | None = None  # CPU device: cores for vLLM's OpenMP threads, e.g. "0-3,8"
     python: str = field(default_factory=lambda: sys.executable)
     extra_args: list[str] = field(default_factory=list)
 
@@ -269,6 +272,14 @@ def build_plan(spec: ServeSpec, env: Mapping[str, str] | None = None) -> LaunchP
         if util is not None:
             argv += ["--gpu-memory-utilization", f"{util:g}"]
         notes.append(f"memory: {why}")
+    if spec.cpu_cores is not None:
+        if device != "cpu":
+            raise LaunchError("--cpu-cores applies to the CPU device only")
+        if not _CORE_LIST.match(spec.cpu_cores):
+            raise LaunchError(f"--cpu-cores {spec.cpu_cores!r} is not a core list like 0-3,8")
+        # Servers sharing a host must not share cores: a prefill engine steps (and spins its
+        # threads) until its KV is pulled, and on shared cores it starves that very pull.
+        added["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores
     for arg in spec.extra_args:
         flag = arg.split("=", 1)[0]
         if flag in _LAUNCHER_FLAGS:

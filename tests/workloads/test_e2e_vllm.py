@@ -123,6 +123,17 @@ class Stack:
     procs: list[Proc]
 
 
+def _split_cores() -> tuple[str | None, str | None]:
+    """Disjoint core ranges for the prefill and decode servers (vLLM's auto binding when
+    there is only one core)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None, None
+    half = len(cores) // 2
+    first, second = cores[:half], cores[half:]
+    return ",".join(map(str, first)), ",".join(map(str, second))
+
+
 def _copack(*args: str) -> list[str]:
     return [sys.executable, "-m", "copack.cli", *args]
 
@@ -163,7 +174,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     procs: list[Proc] = []
     try:
         urls = {}
-        for role in ("prefill", "decode"):
+        for role, cores in zip(("prefill", "decode"), _split_cores(), strict=True):
             port = free_port()
             urls[role] = f"http://127.0.0.1:{port}"
             argv = _copack(
@@ -179,8 +190,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "--max-model-len", "1024",
                 "--enforce-eager",
                 "--python", VLLM_PYTHON,
+                *(["--cpu-cores", cores] if cores else []),
                 "--", "--dtype", "float32", "--max-num-seqs", "16",
             )  # fmt: skip
+            # Each server's OpenMP threads on their own cores (--cpu-cores): a prefill engine
+            # whose KV waits to be pulled steps (and spins its threads) until the decode
+            # server pulls it; on shared cores it starved that pull for 20-30 s per request.
             procs.append(_spawn(role, argv, env, work))
         _wait_ready(procs, [urls["prefill"], urls["decode"]], START_TIMEOUT_S)
 

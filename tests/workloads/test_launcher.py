@@ -209,3 +209,12 @@ def test_cli_missing_interpreter_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert f"cannot start {missing}" in result.output and "Traceback" not in result.output
+
+
+def test_cpu_cores_bind_vllm_threads() -> None:
+    plan = build_plan(ServeSpec(role="prefill", model="m", device="cpu", cpu_cores="0-3,8"), {})
+    assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,8"
+    with pytest.raises(LaunchError, match="core list"):
+        build_plan(ServeSpec(role="prefill", model="m", device="cpu", cpu_cores="all"), {})
+    with pytest.raises(LaunchError, match="CPU device only"):
+        build_plan(ServeSpec(role="prefill", model="m", device="gpu", cpu_cores="0"), GPU_ENV)
