@@ -46,7 +46,6 @@ from workloads.upstream import (
     UpstreamError,
     content_type,
     upstream_error,
-    upstream_transport,
 )
 
 COMPLETIONS = "/v1/completions"
@@ -260,8 +259,8 @@ class PDProxy:
     def _new_client(self) -> httpx.AsyncClient:
         c = self.config
         return httpx.AsyncClient(
-            transport=upstream_transport(c.max_connections),
             timeout=httpx.Timeout(c.decode_timeout_s, connect=c.connect_timeout_s),
+            limits=httpx.Limits(max_connections=c.max_connections),
             trust_env=False,
         )
 

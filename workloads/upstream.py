@@ -1,10 +1,9 @@
-"""The proxy's HTTP client to its backends: httpx with request writes coalesced.
+"""The proxy's HTTP client to its backends: httpcore (httpx's engine), requests in one write.
 
-httpcore writes an HTTP/1.1 request as two socket writes (headers, then body). On loopback and
-in small VMs each write costs a syscall plus a wake-up of the receiver, measured at ~0.3 ms
-each on the 2-core CI box: for a P/D request (two upstream calls) that is a millisecond of
-proxy overhead for nothing. Here writes are held until the connection next reads (an HTTP/1.1
-client always reads the answer after sending the request) and go out as one write.
+httpcore writes an HTTP/1.1 request as two socket writes (headers, then body); each is a
+syscall and, on loopback, a wake-up of the receiving process, which on a small shared VM is
+where a proxy's latency goes. Here writes are held until the connection next reads (an
+HTTP/1.1 client always reads the answer after sending the request) and go out as one write.
 """
 
 from __future__ import annotations
@@ -99,23 +98,6 @@ class CoalescingBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
-
-
-def upstream_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
-    """An httpx transport (httpx's own error mapping kept) over the coalescing backend."""
-    transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-    )
-    pool = getattr(transport, "_pool", None)
-    if isinstance(pool, httpcore.AsyncConnectionPool):
-        transport._pool = httpcore.AsyncConnectionPool(  # type: ignore[attr-defined]
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            network_backend=CoalescingBackend(),
-        )
-    return transport
 
 
 class UpstreamError(Exception):
