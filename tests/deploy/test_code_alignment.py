@@ -45,6 +45,15 @@ def test_agent_ports_are_the_cli_defaults() -> None:
     assert str(defaults["grpc_listen"]).startswith("0.0.0.0:")
 
 
+def test_agent_runs_its_device_plugin_where_the_kubelet_looks() -> None:
+    defaults = _agent_run_defaults()
+    _, c = _agent_container()
+    assert "--device-plugin" in c["args"]  # off by default in the CLI
+    assert defaults["device_plugin"] is False
+    m = _mount_for(str(defaults["device_plugin_dir"]), c)
+    assert m is not None and m["mountPath"] == defaults["device_plugin_dir"]
+
+
 def test_kubelet_sockets_the_code_uses_are_mounted() -> None:
     from node_agent.device_plugin.config import DEFAULT_POD_RESOURCES_SOCKET, DEFAULT_SOCKET_DIR
     from node_agent.pod_attribution import DEFAULT_SOCKET

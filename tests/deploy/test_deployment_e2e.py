@@ -1,10 +1,12 @@
-"""The agent and the extender, started the way the rendered manifests start them (same
-commands, the extender's config from its ConfigMap, the agent's identity from the DaemonSet's
-env), against the fake API server, the fake NVML library and a fake kubelet pod-resources
-socket. Then, from the outside:
+"""The agent (with its device plugin) and the extender, started the way the rendered manifests
+start them (same commands and flags, the extender's config from its ConfigMap, the agent's
+identity from the DaemonSet's env), against the fake API server, the fake NVML library and the
+fake kubelet (device-plugin registration, admission, pod-resources). Then the whole chain of
+DESIGN.md, driven from the outside:
 
 - kube-scheduler's calls: filter, prioritize and bind at `urlPrefix/<verb>` from the
   KubeSchedulerConfiguration, over HTTPS verified with its caFile and serverName;
+- the kubelet admits the bound pod: the device plugin hands it the unit the extender chose;
 - RBAC: every request each component sent the API server (told apart by their bearer tokens)
   is allowed by its role, and was found by the static scan of test_rbac.py;
 - the dashboard: every metric it queries is in the agent's or the extender's /metrics, with the
@@ -41,7 +43,7 @@ from tests.deploy.test_rbac import granted
 from tests.deploy.test_scheduler_config import scheduler_config
 from tests.fakes import nvml as fake_nvml
 from tests.fakes.kube_apiserver import FakeKubeApiServer
-from tests.fakes.podresources import FakePodResources, PodAssignment
+from tests.fakes.kubelet import FakeKubelet, KubeletPod
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +74,7 @@ class Stack:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.kubelet: FakeKubelet | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.objs = render("base")
@@ -114,10 +117,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Any
                        for a, t in TOKENS.items()}
         nv = fake_nvml.FakeNvml(root / "nvml", fake_nvml.scenario(
             [fake_nvml.gpu("H100", 0, gpm=fake_nvml.gpm(sm=35, tensor=25))]))
-        sock = root / "pod-resources.sock"
-        kubelet = FakePodResources(sock).__enter__()
-        kubelet.set_pods([PodAssignment("llm", "decode-0", "vllm", GPU_RESOURCE,
-                                        [f"{fake_nvml.gpu_uuid(0)}::0"])])
+        plugin_dir, sock = root / "device-plugins", root / "pod-resources" / "kubelet.sock"
+        kubelet = FakeKubelet(plugin_dir, sock, kube_server=server).start()
+        st.kubelet = kubelet
 
         # The agent: the DaemonSet's command; NODE_NAME and POD_IP as the downward API sets them.
         ds = pod_spec(one(st.objs, "DaemonSet", "copack-agent"))["containers"][0]
@@ -125,9 +127,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Any
                      for e in ds["env"] if "valueFrom" in e}
         assert env_names == {"NODE_NAME": "spec.nodeName", "POD_IP": "status.podIP"}
         plain_env = {e["name"]: e["value"] for e in ds["env"] if "value" in e}
+        assert "--device-plugin" in ds["args"]
         st.start("agent", [*ds["args"], "--interval", "0.2", "--grpc-listen", "127.0.0.1:0",
                            "--metrics-listen", "127.0.0.1:0", "--nvml-library", str(nv.lib_path),
                            "--kubeconfig", str(kubeconfigs["copack-agent"]),
+                           "--device-plugin-dir", str(plugin_dir),
                            "--pod-resources-socket", str(sock), "--pod-refresh", "0.5"],
                  {**nv.env(), **plain_env, "NODE_NAME": NODE, "POD_IP": "127.0.0.1"})
 
@@ -153,7 +157,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Any
     finally:
         codes = st.stop()
         if kubelet is not None:
-            kubelet.__exit__(None, None, None)
+            kubelet.stop()
         server.stop()
         assert all(c is not None for c in codes.values()), "a process ignored SIGTERM"
 
@@ -186,16 +190,22 @@ def _post(client: httpx.Client, base: str, verb: str, body: dict, st: Stack) -> 
     return r.json()
 
 
-def test_scheduler_calls_reach_the_extender_and_bind_through_rbac(stack) -> None:
+@pytest.fixture(scope="module")
+def scheduled(stack) -> dict[str, Any]:
+    """Schedule one pod the way kube-scheduler would, then admit it the way the kubelet would."""
     st, server = stack
     ext_port = _ports(st)[2]
     client, base = _scheduler_client(st, ext_port)
     with client:
-        _scheduler_flow(st, server, client, base, ext_port)
+        out = _scheduler_flow(st, server, client, base, ext_port)
+    assert st.kubelet.wait_registered(timeout=60), st.logs["agent"].read_text()[-3000:]
+    out["devices"] = st.kubelet.devices()
+    out["admission"] = st.kubelet.admit(KubeletPod.from_api(out["bound"]))
+    return out
 
 
 def _scheduler_flow(st: Stack, server: Any, client: httpx.Client, base: str,
-                    ext_port: int) -> None:
+                    ext_port: int) -> dict[str, Any]:
     sni = {"sni_hostname": st.sched["tlsConfig"]["serverName"]}
     logs = tuple(st.logs.values())
     wait_until(lambda: client.get(f"{base}/readyz", extensions=sni).status_code == 200,
@@ -219,30 +229,49 @@ def _scheduler_flow(st: Stack, server: Any, client: httpx.Client, base: str,
     })
     pod = server.get("pods", "decode-0", "llm")
     assert st.sched["nodeCacheCapable"] is True  # so NodeNames, not Nodes
-    filtered = _post(client, base, st.sched["filterVerb"],
-                     {"Pod": pod, "Nodes": None, "NodeNames": [NODE]}, st)
-    assert filtered["NodeNames"] == [NODE], filtered
-    scores = _post(client, base, st.sched["prioritizeVerb"],
-                   {"Pod": pod, "Nodes": None, "NodeNames": [NODE]}, st)
-    assert [s["Host"] for s in scores] == [NODE]
-    bound = _post(client, base, st.sched["bindVerb"],
-                  {"PodName": "decode-0", "PodNamespace": "llm",
-                   "PodUID": pod["metadata"]["uid"], "Node": NODE}, st)
-    assert bound.get("Error", "") == "", bound
-    after = server.get("pods", "decode-0", "llm")
-    assert after["spec"]["nodeName"] == NODE
-    assert after["metadata"]["annotations"][UNIT_ANNOTATION] == fake_nvml.gpu_uuid(0)
+    args = {"Pod": pod, "Nodes": None, "NodeNames": [NODE]}
+    return {
+        "filter": _post(client, base, st.sched["filterVerb"], args, st),
+        "prioritize": _post(client, base, st.sched["prioritizeVerb"], args, st),
+        "bind": _post(client, base, st.sched["bindVerb"],
+                      {"PodName": "decode-0", "PodNamespace": "llm",
+                       "PodUID": pod["metadata"]["uid"], "Node": NODE}, st),
+        "bound": server.get("pods", "decode-0", "llm"),
+    }
 
-    # Every request each component made is allowed by its role and known to the static scan.
+
+def test_scheduler_calls_place_the_pod_on_the_unit(scheduled) -> None:
+    assert scheduled["filter"]["NodeNames"] == [NODE], scheduled["filter"]
+    assert [s["Host"] for s in scheduled["prioritize"]] == [NODE]
+    assert scheduled["bind"].get("Error", "") == "", scheduled["bind"]
+    bound = scheduled["bound"]
+    assert bound["spec"]["nodeName"] == NODE
+    assert bound["metadata"]["annotations"][UNIT_ANNOTATION] == fake_nvml.gpu_uuid(0)
+
+
+def test_kubelet_admission_gives_the_container_the_chosen_unit(scheduled) -> None:
+    unit = scheduled["bound"]["metadata"]["annotations"][UNIT_ANNOTATION]
+    # The device plugin advertises slots of the one unit (the CLI's default 4 per unit).
+    assert {d.split("::")[0] for d in scheduled["devices"]} == {unit}
+    adm = scheduled["admission"]
+    assert adm.admitted, adm.error
+    assert adm.env["NVIDIA_VISIBLE_DEVICES"] == unit
+
+
+def test_every_api_request_is_within_its_accounts_role(stack, scheduled) -> None:
+    """Told apart by bearer token; the device plugin's requests (during admission) included."""
+    st, server = stack
     seen: dict[str, set[Permission]] = {a: set() for a in TOKENS}
     for rec in server.requests:
-        (account,) = [a for a, t in TOKENS.items() if rec.authorization == f"Bearer {t}"]
+        accounts = [a for a, t in TOKENS.items() if rec.authorization == f"Bearer {t}"]
+        assert accounts, f"a request from nobody we started: {rec.method} {rec.path}"
         if rec.resource is None:  # discovery (/api, /version): allowed to every account
             continue
         resource = rec.resource + (f"/{rec.subresource}" if rec.subresource else "")
-        seen[account].add(Permission("", resource, rec.verb))
+        seen[accounts[0]].add(Permission("", resource, rec.verb))
     assert Permission("", "pods/binding", "create") in seen["copack-extender"]
     assert Permission("", "nodes", "patch") in seen["copack-agent"]
+    assert Permission("", "pods", "watch") in seen["copack-agent"]  # the device plugin's
     for account, perms in seen.items():
         allowed = granted(st.objs, account)
         assert perms <= allowed, f"{account} made calls its role denies: {perms - allowed}"
@@ -263,7 +292,7 @@ def _families(text: str) -> dict[str, set[str]]:
     return out
 
 
-def test_dashboard_queries_find_their_metrics_and_labels(stack) -> None:
+def test_dashboard_queries_find_their_metrics_and_labels(stack, scheduled) -> None:
     st, _ = stack
     _, metrics_port, ext_port = _ports(st)
     client, base = _scheduler_client(st, ext_port)
@@ -296,7 +325,8 @@ def test_both_stop_cleanly_on_sigterm(stack) -> None:
     # exit by asyncio's 30 s TLS shutdown timeout, as the e2e run showed: a Go client such as
     # kube-scheduler answers close_notify at once.)
     codes = st.stop()
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal it captured so the
-    # exit status says what ended it (uvicorn.Server.capture_signals): hence -SIGTERM.
-    assert codes == {"agent": 0, "extender": -signal.SIGTERM}, {
+    # Clean means exit 0, or -SIGTERM from uvicorn, which after its graceful shutdown re-raises
+    # the signal it captured (uvicorn.Server.capture_signals). Not clean: still running after
+    # 30 s, kubelet's default grace period (then stop() kills it and reports None).
+    assert codes["agent"] == 0 and codes["extender"] in (0, -signal.SIGTERM), {
         n: p.read_text()[-2000:] for n, p in st.logs.items()}
