@@ -199,71 +199,104 @@ class Scheduler:
             with s.lock:
                 info = s.pods.get(key)
                 uid = args.pod_uid or (info.uid if info else "")
-                if info is not None and info.uid == uid and info.unit and info.node:
-                    if info.node == node:
-                        return binding_result(), "already_bound"
-                    msg = f"{key} is already bound to {info.node} (unit {info.unit})"
-                    return binding_result(msg), "conflict"
-                req = None
-                if uid:
-                    hit = s.requests.entries.get(uid)
-                    req = hit[1] if hit else None
-                if req is None and info is not None and info.uid == uid:
-                    req = info.request
-                    if req is None and info.request_error:
-                        return binding_result(f"pod {key}: {info.request_error}"), "invalid_pod"
-                if req is None:
-                    return binding_result(
-                        f"pod {key} (uid {uid or '?'}) is unknown to the extender: it was not "
-                        "filtered by it and is not in its cluster view"
-                    ), "unknown_pod"
-                if req.uid != uid:
-                    req = _with_uid(req, uid)
                 now = s.now()
-                choice = choose_unit(s.view, req, node, now, s.policy, s.demand_model)
-                if isinstance(choice, Rejection):
-                    self._explain_bind(key, uid, node, None, choice.reason)
-                    return binding_result(
-                        f"no unit on {node} can take {key} any more: {choice.reason}"
-                    ), "no_fit"
+                if info is not None and info.uid == uid and info.unit and info.node:
+                    if info.node != node:
+                        msg = f"{key} is already bound to {info.node} (unit {info.unit})"
+                        return binding_result(msg), "conflict"
+                    if not info.uncertain:
+                        return binding_result(), "already_bound"  # a retry of a bind that worked
+                    # the last attempt may not have reached the API: bind again, same unit
+                    req = s.request_of(info)
+                    unit, share = info.unit, info.sm_share or 100
+                    at = info.assigned_at if info.assigned_at is not None else now
+                    detail: dict[str, Any] = {"retried": True}
+                else:
+                    req = self._bind_request(key, uid, info)
+                    if isinstance(req, tuple):
+                        return req
+                    choice = choose_unit(s.view, req, node, now, s.policy, s.demand_model)
+                    if isinstance(choice, Rejection):
+                        self._explain_bind(key, uid, node, None, choice.reason)
+                        return binding_result(
+                            f"no unit on {node} can take {key} any more: {choice.reason}"
+                        ), "no_fit"
+                    unit, share, at = choice.unit, choice.sm_share, now
+                    detail = {"demand": choice.demand.as_dict(), "score": choice.score}
+                    s.assume(req, node, unit, share, at)
                 annotations = {
-                    UNIT_ANNOTATION: choice.unit,
-                    SM_SHARE_ANNOTATION: str(choice.sm_share),
-                    ASSIGNED_AT_ANNOTATION: rfc3339(now),
+                    UNIT_ANNOTATION: unit,
+                    SM_SHARE_ANNOTATION: str(share),
+                    ASSIGNED_AT_ANNOTATION: rfc3339(at),
                 }
-                s.assume(req, node, choice.unit, choice.sm_share, now)
-            if self.binder is None:
-                s.unassume(key, uid)
-                return binding_result("the extender has no binder configured"), "failed"
-            try:
-                self.binder.bind(args.pod_namespace, args.pod_name, uid, node, annotations)
-            except AlreadyBound as e:
-                unit = e.annotations.get(UNIT_ANNOTATION)
-                if e.node == node and unit:
-                    # our own earlier bind whose answer was lost: adopt what the pod carries
-                    with s.lock:
-                        share = _share(e.annotations.get(SM_SHARE_ANNOTATION))
-                        s.assume(req, node, unit, share, now)
-                    self._explain_bind(key, uid, node, unit, None, adopted=True)
-                    return binding_result(), "already_bound"
-                s.unassume(key, uid)
-                return binding_result(str(e)), "conflict"
-            except BindUncertain as e:
-                # keep the assumption: the capacity stays reserved until the watch shows the
-                # pod bound (confirmed) or the bind confirmation timeout drops it
-                self._explain_bind(key, uid, node, choice.unit, str(e), uncertain=True)
-                return binding_result(str(e)), "uncertain"
-            except BindError as e:
-                s.unassume(key, uid)
-                self._explain_bind(key, uid, node, None, str(e))
-                return binding_result(str(e)), "failed"
-            except Exception as e:  # a binder bug must still leave nothing assumed
-                s.unassume(key, uid)
-                log.exception("binder failed for %s", key)
-                return binding_result(f"binding {key} failed: {type(e).__name__}: {e}"), "failed"
-            self._explain_bind(key, uid, node, choice.unit, None, sm_share=choice.sm_share,
-                               demand=choice.demand.as_dict(), score=choice.score)
-            return binding_result(), "bound"
+            return self._create_binding(args, key, uid, req, annotations, share, at, detail)
+
+    def _bind_request(
+        self, key: str, uid: str, info: Any
+    ) -> PodRequest | tuple[bytes, str]:
+        """The parsed request for a pod about to be bound (filter's, else the watch's)."""
+        s = self.state
+        req = None
+        if uid:
+            hit = s.requests.entries.get(uid)
+            req = hit[1] if hit else None
+        if req is None and info is not None and info.uid == uid:
+            req = info.request
+            if req is None and info.request_error:
+                return binding_result(f"pod {key}: {info.request_error}"), "invalid_pod"
+        if req is None:
+            return binding_result(
+                f"pod {key} (uid {uid or '?'}) is unknown to the extender: it was not "
+                "filtered by it and is not in its cluster view"
+            ), "unknown_pod"
+        return req if req.uid == uid else _with_uid(req, uid)
+
+    def _create_binding(
+        self,
+        args: BindingArgs,
+        key: str,
+        uid: str,
+        req: PodRequest,
+        annotations: dict[str, str],
+        share: int,
+        at: float,
+        detail: dict[str, Any],
+    ) -> tuple[bytes, str]:
+        """Call the binder (node lock held, state lock not) and settle the assumption."""
+        s = self.state
+        node, unit = args.node, annotations[UNIT_ANNOTATION]
+        if self.binder is None:
+            s.unassume(key, uid)
+            return binding_result("the extender has no binder configured"), "failed"
+        try:
+            self.binder.bind(args.pod_namespace, args.pod_name, uid, node, annotations)
+        except AlreadyBound as e:
+            theirs = e.annotations.get(UNIT_ANNOTATION)
+            if e.node == node and theirs:
+                # our own earlier bind whose answer was lost: adopt what the pod carries
+                s.assume(req, node, theirs, _share(e.annotations.get(SM_SHARE_ANNOTATION)), at)
+                self._explain_bind(key, uid, node, theirs, None, adopted=True)
+                return binding_result(), "already_bound"
+            s.unassume(key, uid)
+            self._explain_bind(key, uid, node, None, str(e))
+            return binding_result(str(e)), "conflict"
+        except BindUncertain as e:
+            # keep the assumption: the capacity stays reserved until the watch shows the pod
+            # bound (confirmed), a retried bind settles it, or the confirmation timeout ends it
+            s.mark_uncertain(key, uid, True)
+            self._explain_bind(key, uid, node, unit, str(e), uncertain=True)
+            return binding_result(str(e)), "uncertain"
+        except BindError as e:
+            s.unassume(key, uid)
+            self._explain_bind(key, uid, node, None, str(e))
+            return binding_result(str(e)), "failed"
+        except Exception as e:  # a binder bug must still leave nothing assumed
+            s.unassume(key, uid)
+            log.exception("binder failed for %s", key)
+            return binding_result(f"binding {key} failed: {type(e).__name__}: {e}"), "failed"
+        s.mark_uncertain(key, uid, False)
+        self._explain_bind(key, uid, node, unit, None, sm_share=share, **detail)
+        return binding_result(), "bound"
 
     def _explain_bind(
         self, key: str, uid: str, node: str, unit: str | None, error: str | None, **extra: Any

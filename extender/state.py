@@ -92,6 +92,7 @@ class PodInfo:
     source: str = "watch"  # "watch": seen bound in the API; "bind": assumed by our own bind
     assumed_at: float | None = None
     placed: bool = False  # recorded in the ClusterView
+    uncertain: bool = False  # our binding request failed in transit: maybe bound, maybe not
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +105,7 @@ class PodInfo:
             "request_error": self.request_error,
             "source": self.source,
             "placed": self.placed,
+            "uncertain": self.uncertain,
         }
 
 
@@ -345,8 +347,8 @@ class ClusterState:
             if info is not None and info.uid != uid:
                 self._forget(key)  # same name, new pod
                 info = None
-            if info is not None and rv and info.rv == rv:
-                return
+            if info is not None and rv and info.rv == rv and info.source != "bind":
+                return  # unchanged (an assumption still waits for the API to confirm it)
             if not requests_gpu(pod):
                 if info is not None:
                     self._forget(key)
@@ -371,6 +373,7 @@ class ClusterState:
             if node and unit:
                 sm = _int_or_none(ann.get(SM_SHARE_ANNOTATION))
                 at = parse_rfc3339(ann.get(ASSIGNED_AT_ANNOTATION))
+                info.uncertain = False  # the API shows it bound: nothing left in doubt
                 if info.placed and info.node == node and info.unit == unit:
                     info.source = "watch"  # our assumption confirmed
                     return
@@ -495,10 +498,15 @@ class ClusterState:
                 info = self.pods[key] = PodInfo(
                     request.namespace, request.name, request.uid, key
                 )
+            elif (
+                info.source == "watch" and info.placed and info.node == node and info.unit == unit
+            ):
+                return  # the API already shows exactly this placement: nothing to assume
             info.request = request
             self._set_node_of(info, node)
             info.unit, info.sm_share, info.assigned_at = unit, sm_share, at
             info.source, info.assumed_at = "bind", at
+            info.uncertain = False
             self._place(info)
 
     def unassume(self, key: str, uid: str) -> None:
@@ -512,7 +520,19 @@ class ClusterState:
                 info.placed = False
             info.unit = info.sm_share = info.assigned_at = info.assumed_at = None
             info.source = "watch"
+            info.uncertain = False
             self._set_node_of(info, None)
+
+    def mark_uncertain(self, key: str, uid: str, uncertain: bool) -> None:
+        """Whether our last binding request for the pod may not have reached the API (a retry
+        of the bind then binds again instead of answering success from the assumption)."""
+        with self.lock:
+            info = self.pods.get(key)
+            if info is not None and info.uid == uid:
+                info.uncertain = uncertain
+
+    def request_of(self, info: PodInfo) -> PodRequest:
+        return self._request_for(info)
 
     # -- telemetry ----------------------------------------------------------------------------
 
