@@ -38,7 +38,7 @@ from workloads.roofline import RUNTIME_OVERHEAD_BYTES, DemandModel
 EPOCH = 1_767_225_600.0  # simulated wall clock at t=0 (2026-01-01T00:00:00Z)
 KV_LINK_BYTES_PER_S = 25e9  # prefill -> decode KV transfer (RDMA / NVLink mix)
 SERIES_EVERY_S = 10.0
-MAX_MODEL_LEN = 32768  # tokens one sequence may hold (vLLM --max-model-len)
+MODEL_LEN_ROUND = 1024  # --max-model-len: the service's longest request, rounded up to this
 KV_BURST_FACTOR = 2.0  # KV budget over the roofline's mean-batch estimate
 ELASTIC_TPOT_FRACTION = 0.5  # elastic decode demand keeps half the TPOT target in reserve
 ELASTIC_GRID = tuple(round(0.05 * k, 2) for k in range(1, 21))
@@ -233,6 +233,12 @@ def run_policy(
     )
     ref_work = engine.ref_work
 
+    # vLLM's --max-model-len per service: its longest request (prompt + output), rounded up;
+    # a pod's KV must hold at least one such sequence or vLLM refuses to start.
+    longest = np.zeros(ns)
+    np.maximum.at(longest, workload.service, workload.prompt + workload.output)
+    max_len = np.ceil(np.maximum(longest, 1) / MODEL_LEN_ROUND) * MODEL_LEN_ROUND
+
     def kv_cap(i: int) -> float:
         """KV bytes a pod may hold on the reference GPU (vLLM's gpu_memory_utilization)."""
         m = models[i]
@@ -241,7 +247,7 @@ def run_policy(
 
     def decode_kv(i: int) -> float:
         """KV budget of every decode pod of the service (bytes)."""
-        floor = MAX_MODEL_LEN * models[i].kv_bytes_per_token
+        floor = max_len[i] * models[i].kv_bytes_per_token
         return max(floor, min(DECODE_KV_SHARE * ref_ut.memory_bytes, kv_cap(i)))
 
     def decode_cap(i: int, ctx: float) -> float:
@@ -351,7 +357,7 @@ def run_policy(
         else:
             core = demand_model.demand(pod_request_from_k8s(obj), core_unit_type(ref_ut))
             kv_core = max(core.mem_bytes - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
-            floor = MAX_MODEL_LEN * m.kv_bytes_per_token
+            floor = max_len[i] * m.kv_bytes_per_token
             kv = min(max(floor, KV_BURST_FACTOR * kv_core), max(floor, kv_cap(i)))
         return int(m.weight_bytes + RUNTIME_OVERHEAD_BYTES + kv)
 
