@@ -229,6 +229,11 @@ def _run(conn: Conn, pods: list[dict], names_for: Any, noop: bool, warmup: int) 
     }
 
 
+def _load() -> str:
+    """The machine's 1-minute load: on a shared box the figures only mean something with it."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
 def _rss(pid: int) -> tuple[float, float]:
     cur = peak = 0.0
     with open(f"/proc/{pid}/status") as f:
@@ -257,7 +262,7 @@ def main() -> None:
         port, build_s, n_pods, n_units = q.get(timeout=900)
         print(f"cluster: {a.nodes} nodes x 8 units = {n_units} units, {n_pods} pods placed "
               f"(state built in {build_s:.1f} s); server pid {proc.pid}; "
-              f"{os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs; load average {_load()}")
         conn = Conn(port)
         all_names = [f"node-{i:05d}" for i in range(a.nodes)]
         small = min(500, a.nodes)
@@ -276,6 +281,10 @@ def main() -> None:
             for mode in ("extender", "no-op"):
                 results[(label, mode)] = _run(conn, pods, names_for, mode == "no-op", a.warmup)
         cur, peak = _rss(proc.pid)
+        conn.c.request("GET", "/metrics")
+        metrics = conn.c.getresponse().read().decode()
+        outcomes = [ln for ln in metrics.splitlines()
+                    if ln.startswith("copack_extender_decisions_total")]
         print()
         print(f"{'case':<14} {'endpoint':<9} {'filter p50/p99 ms':>18} "
               f"{'prioritize p50/p99':>19} {'pair p50/p99 ms':>16} {'pods/s':>7} "
@@ -292,7 +301,10 @@ def main() -> None:
                   f"{ext['pair'][1] / nop['pair'][1]:.2f}x the no-op "
                   f"({nop['pair'][1]*1e3:.2f} ms); pods/s {ext['pods_per_s']:.0f} "
                   f"(no-op {nop['pods_per_s']:.0f})")
-        print(f"extender server RSS: {cur:.0f} MiB now, {peak:.0f} MiB peak")
+        print("server outcomes: " + ", ".join(
+            ln.split("{")[1].replace("}", "=").replace('"', "") for ln in outcomes))
+        print(f"extender server RSS: {cur:.0f} MiB now, {peak:.0f} MiB peak; "
+              f"load average at the end {_load()}")
         s_ext = results[(f"{small} names", "extender")]
         s_nop = results[(f"{small} names", "no-op")]
         print()
