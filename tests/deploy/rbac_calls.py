@@ -1,6 +1,7 @@
 """Which Kubernetes API calls a component's code makes, as RBAC (apiGroup, resource, verb).
 
-Found statically, over every code path rather than the ones tests happen to run: each
+Found statically, over every code path rather than the ones tests happen to run, in the
+component's files and the repository modules they import: each
 reference to a method of the official client's API classes (`core.list_node`, also when it is
 only stored in a variable or handed to `watch.Watch().stream`) is translated into its HTTP
 method and path by reading the client's own request builder (`_<method>_serialize`), then into
@@ -208,7 +209,8 @@ def scan_source(source: str, filename: str) -> tuple[list[ApiCall], list[Unresol
         if node.attr not in methods or node.attr.startswith("get_api_"):
             continue
         receiver = ast.unparse(node.value)
-        if receiver in holders:
+        direct = isinstance(node.value, ast.Call) and _names_api_class(node.value.func)
+        if receiver in holders or direct:  # `core.list_node`, `CoreV1Api(api).list_node`
             first_ref.setdefault(node.attr, node.lineno)
         else:
             unresolved.append(UnresolvedReference(node.attr, f"{filename}:{node.lineno}",
@@ -225,29 +227,65 @@ def scan_source(source: str, filename: str) -> tuple[list[ApiCall], list[Unresol
     return sorted(calls), sorted(unresolved)
 
 
-def own_methods(root: Path) -> set[str]:
-    """Names of the functions a component defines itself (e.g. ClusterState.delete_node)."""
-    names = set()
-    for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                names.add(node.name)
-    return names
+def _module_file(repo: Path, dotted: str) -> list[Path]:
+    """The files importing `dotted` executes: each package's __init__ and the module."""
+    parts = dotted.split(".")
+    files = []
+    for i in range(1, len(parts) + 1):
+        base = repo.joinpath(*parts[:i])
+        if (base / "__init__.py").is_file():
+            files.append(base / "__init__.py")
+        elif base.with_suffix(".py").is_file():
+            files.append(base.with_suffix(".py"))
+            break
+        else:
+            break
+    return files
 
 
-def scan_tree(root: Path) -> tuple[list[ApiCall], list[UnresolvedReference]]:
-    """All API calls under `root`, and the references that stay unresolved: a client method
-    name on a receiver not known to be a client API object, unless the component defines a
-    function of that name itself (then it is taken as calling its own)."""
+def import_closure(repo: Path, component: str) -> list[Path]:
+    """Every file of the repository a component's code can run: its own files and, transitively,
+    the repository modules they import (lazily inside functions too), e.g. `policies`, `workloads`.
+    Third-party packages are outside the repository and not followed."""
+    todo = [p for p in (repo / component).rglob("*.py")]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen or path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+            continue
+        seen.add(path)
+        tree = ast.parse(path.read_text(), str(path))
+        package = path.relative_to(repo).parent.parts
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1])
+                    mod = f"{base}.{node.module}" if node.module else base
+                else:
+                    mod = node.module or ""
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            for name in names:
+                todo += _module_file(repo, name)
+    return sorted(seen)
+
+
+def scan_component(repo: Path, component: str) -> tuple[list[ApiCall], list[UnresolvedReference]]:
+    """All API calls a component's code can make (its import closure within the repository),
+    and the references that stay unresolved: a client method name on a receiver not known to
+    be a client API object, unless the code defines a function of that name itself (then it
+    is taken as calling its own, e.g. ClusterState.delete_node)."""
     calls: list[ApiCall] = []
     unresolved: list[UnresolvedReference] = []
-    for path in sorted(root.rglob("*.py")):
-        if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
-            continue
-        c, u = scan_source(path.read_text(), path.relative_to(root.parent).as_posix())
+    own: set[str] = set()
+    for path in import_closure(repo, component):
+        c, u = scan_source(path.read_text(), path.relative_to(repo).as_posix())
         calls += c
         unresolved += u
-    own = own_methods(root)
+        own |= {n.name for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
     return calls, [u for u in unresolved if u.method not in own]
 
 

@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from policies.inventory import AGENT_ANNOTATION, GPU_RESOURCE, SCHEDULER_NAME, UNIT_ANNOTATION
 from tests.deploy.dashboard import family, queries
 from tests.deploy.manifests import REPO, one, pod_spec, render
-from tests.deploy.rbac_calls import Permission, required, scan_tree
+from tests.deploy.rbac_calls import Permission, required, scan_component
 from tests.deploy.test_dev_tls import bootstrap
 from tests.deploy.test_rbac import granted
 from tests.deploy.test_scheduler_config import scheduler_config
@@ -275,8 +275,8 @@ def test_every_api_request_is_within_its_accounts_role(stack, scheduled) -> None
     for account, perms in seen.items():
         allowed = granted(st.objs, account)
         assert perms <= allowed, f"{account} made calls its role denies: {perms - allowed}"
-        static = required(scan_tree(REPO / {"copack-extender": "extender",
-                                            "copack-agent": "node_agent"}[account])[0])
+        static = required(scan_component(REPO, {"copack-extender": "extender",
+                                                "copack-agent": "node_agent"}[account])[0])
         assert perms <= static, f"{account}: the static scan missed {perms - static}"
 
 

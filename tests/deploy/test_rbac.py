@@ -1,7 +1,8 @@
 """RBAC grants exactly the API calls the code makes: the extender's and the agent's
-ServiceAccounts are checked against the calls found in extender/ and node_agent/ (see
-rbac_calls.py for how), in both directions. The scheduler's RBAC is upstream kube-scheduler's
-own (bootstrap ClusterRoles) plus its lease, checked for shape."""
+ServiceAccounts are checked against the calls found in extender/ and node_agent/ and the
+repository modules they import (see rbac_calls.py for how), in both directions. The
+scheduler's RBAC is upstream kube-scheduler's own (bootstrap ClusterRoles) plus its lease,
+checked for shape."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from tests.deploy.rbac_calls import (
     Permission,
     UnreadableRequest,
     required,
+    scan_component,
     scan_source,
-    scan_tree,
 )
 
 COMPONENTS = {"copack-extender": "extender", "copack-agent": "node_agent"}
@@ -49,7 +50,7 @@ def granted(objs: list[dict], service_account: str) -> set[Permission]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("account", sorted(COMPONENTS))
 def test_role_grants_exactly_what_the_code_calls(overlay: str, account: str) -> None:
-    calls, unresolved = scan_tree(REPO / COMPONENTS[account])
+    calls, unresolved = scan_component(REPO, COMPONENTS[account])
     assert not unresolved, f"cannot tell whether these call the API: {unresolved}"
     need = required(calls)
     have = granted(render(overlay), account)
@@ -61,10 +62,10 @@ def test_role_grants_exactly_what_the_code_calls(overlay: str, account: str) -> 
 
 def test_the_calls_found_include_the_ones_copack_is_built_on() -> None:
     """Guards the scan itself: an empty or partial scan would make the test above vacuous."""
-    ext = required(scan_tree(REPO / "extender")[0])
+    ext = required(scan_component(REPO, "extender")[0])
     assert Permission("", "pods/binding", "create") in ext  # the extender binds
     assert {Permission("", "nodes", "watch"), Permission("", "pods", "watch")} <= ext
-    agent = required(scan_tree(REPO / "node_agent")[0])
+    agent = required(scan_component(REPO, "node_agent")[0])
     assert Permission("", "nodes", "patch") in agent  # the inventory annotations
 
 
@@ -151,3 +152,21 @@ def test_no_account_may_read_secrets_except_the_dev_tls_job() -> None:
                     assert role["metadata"]["name"] == "copack-tls-bootstrap", role
                     assert overlay == "overlays/dev"
 
+
+
+def test_scan_follows_the_components_imports_into_the_repository(tmp_path) -> None:
+    (tmp_path / "comp").mkdir()
+    (tmp_path / "comp" / "__init__.py").write_text("")
+    (tmp_path / "comp" / "main.py").write_text(
+        "def run():\n    from shared.kube import evict\n    evict()\n")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "__init__.py").write_text("")
+    (tmp_path / "shared" / "kube.py").write_text(
+        "from kubernetes import client\n"
+        "def evict():\n    client.CoreV1Api().delete_namespaced_pod('p', 'ns')\n")
+    (tmp_path / "shared" / "unused.py").write_text(
+        "from kubernetes import client\nclient.CoreV1Api().delete_node('n')\n")
+    calls, unresolved = scan_component(tmp_path, "comp")
+    assert [(c.method, c.where) for c in calls] == [
+        ("delete_namespaced_pod", "shared/kube.py:3")]
+    assert unresolved == []
