@@ -29,8 +29,7 @@ class Observed:
     prompt_mean: float
     output_mean: float
     prefill_load: float  # reference-GPU seconds of prefill work per second
-    prefill_peak: float = 0.0  # the same over the interval's busiest few seconds
-    rps_peak: float = 0.0  # arrivals per second in that busiest window
+    prefill_peak: float = 0.0  # the same over the interval's busiest TTFT-long window
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,6 @@ class Target:
     rps: float  # predicted, for the pods' `copack.io/load`
     prompt_mean: float
     output_mean: float
-    rps_peak: float = 0.0  # remembered burst rate, for the decode pods' KV budget
     prefill_peak: float = 0.0  # remembered burst of prefill work (reference GPU-s per s)
 
 
@@ -50,24 +48,22 @@ class Planner:
         spec: AutoscalerSpec,
         services: Sequence[ServiceSpec],
         decode_tokens_per_s: Callable[[int, float], float],
-        bursts: Sequence[tuple[float, float]] | None = None,
+        bursts: Sequence[float] | None = None,
     ) -> None:
         """`decode_tokens_per_s(service, mean_context)`: what one decode pod sustains on the
         reference GPU while meeting the service's TPOT target. `bursts[i]`: the service's
-        burst prefill work and burst request rate known from its traffic history (the floor
-        of what the planner remembers)."""
+        burst prefill work known from its traffic history (the floor of what the planner
+        remembers)."""
         self.spec = spec
         self.services = list(services)
         self._decode_cap = decode_tokens_per_s
         self._pred: list[Observed | None] = [None] * len(services)
         self._lower_streak = [[0, 0] for _ in services]
         self._peaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
-        self._rps_peaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
-        self._bursts = list(bursts) if bursts is not None else [(0.0, 0.0)] * len(services)
+        self._bursts = list(bursts) if bursts is not None else [0.0] * len(services)
 
     def _predict(self, i: int, obs: Observed) -> Observed:
         self._peaks[i].append(obs.prefill_peak)
-        self._rps_peaks[i].append(obs.rps_peak)
         prev = self._pred[i]
         if prev is None:
             pred = Observed(
@@ -75,8 +71,7 @@ class Planner:
                 obs.prompt_mean,
                 obs.output_mean,
                 obs.prefill_load,
-                max(obs.prefill_peak, self._bursts[i][0]),
-                max(obs.rps_peak, self._bursts[i][1]),
+                max(obs.prefill_peak, self._bursts[i]),
             )
         else:
             a = self.spec.smoothing
@@ -94,8 +89,7 @@ class Planner:
                 output_mean=ew.output_mean if obs.rps == 0 else max(ew.output_mean, 1.0),
                 prefill_load=max(ew.prefill_load, obs.prefill_load),
                 # Bursts recur: remember the worst of the last few intervals.
-                prefill_peak=max(max(self._peaks[i]), self._bursts[i][0]),
-                rps_peak=max(max(self._rps_peaks[i]), self._bursts[i][1]),
+                prefill_peak=max(max(self._peaks[i]), self._bursts[i]),
             )
         self._pred[i] = pred
         return pred
@@ -127,7 +121,6 @@ class Planner:
                     pred.rps,
                     pred.prompt_mean,
                     pred.output_mean,
-                    max(pred.rps_peak, obs.rps_peak),
                     max(pred.prefill_peak, obs.prefill_peak),
                 )
             )

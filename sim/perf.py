@@ -131,10 +131,6 @@ class PerfTables:
             self._stack()
         return self._ids[key]
 
-    def reference_id(self, service: int) -> int:
-        """Perf type of the service's model on the reference unit."""
-        return self._ref_ids[service]
-
     def tables(self, ptype: int) -> _TypeTables:
         return self._types[ptype]
 
@@ -191,12 +187,6 @@ class PerfTables:
 
     def decode_step(self, ptype: np.ndarray, batch: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         return self.decode_all(ptype, batch, ctx)[0]
-
-    def decode_use(
-        self, ptype: np.ndarray, batch: np.ndarray, ctx: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(kernel share, compute share, memory share) of a decode step."""
-        return self.decode_all(ptype, batch, ctx)[1:]
 
     # --- contention parameters ---
     def sensitivity(self, ptype: np.ndarray, role: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

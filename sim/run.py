@@ -158,7 +158,6 @@ def _observe(
     wsum = np.bincount(svc, weights=ref_work[a:b], minlength=n_services)
     arr, rw = wl.arrival[a:b], ref_work[a:b]
     peaks = np.zeros(n_services)
-    rps_peak = np.zeros(n_services)
     for i in range(n_services):
         mine = svc == i
         if not mine.any():
@@ -166,7 +165,6 @@ def _observe(
         w = float(wl.ttft_slo[i])  # a burst must clear within one TTFT target
         win = ((arr[mine] - t0) // w).astype(np.int64)
         peaks[i] = np.bincount(win, weights=rw[mine]).max() / w
-        rps_peak[i] = np.bincount(win).max() / w
     out = []
     for i in range(n_services):
         c = counts[i]
@@ -177,7 +175,6 @@ def _observe(
                 output_mean=osum[i] / c if c else 0.0,
                 prefill_load=wsum[i] / span,
                 prefill_peak=float(peaks[i]),
-                rps_peak=float(rps_peak[i]),
             )
         )
     return out
@@ -257,8 +254,8 @@ def run_policy(
         return tokens * DECODE_SPEED_MARGIN
 
     # The operator knows each service's burstiness from its traffic history (the 99.9th
-    # percentile of prefill work and of requests per second): the planner never sizes for
-    # less, and decode pods get the KV for their share of the burst.
+    # percentile of prefill work per TTFT-long window): the planner never sizes prefill for
+    # less.
     planner = Planner(
         scenario.autoscaler, services, decode_cap, _bursts(workload, ref_work, ns)
     )
@@ -547,26 +544,19 @@ def run_policy(
     )
 
 
-def _bursts(wl: Workload, ref_work: np.ndarray, n_services: int) -> list[tuple[float, float]]:
-    """Per service, over the whole run: the BURST_QUANTILE of prefill work and of arrivals
-    per window of one TTFT target (per second)."""
+def _bursts(wl: Workload, ref_work: np.ndarray, n_services: int) -> list[float]:
+    """Per service, over the whole run: the BURST_QUANTILE of prefill work per window of one
+    TTFT target (reference GPU-seconds per second)."""
     out = []
     for i in range(n_services):
         mine = wl.service == i
         if not mine.any():
-            out.append((0.0, 0.0))
+            out.append(0.0)
             continue
         w = float(wl.ttft_slo[i])
         win = (wl.arrival[mine] // w).astype(np.int64)
-        n = int(win.max()) + 1
-        work = np.bincount(win, weights=ref_work[mine], minlength=n)
-        reqs = np.bincount(win, minlength=n)
-        out.append(
-            (
-                float(np.percentile(work, BURST_QUANTILE)) / w,
-                float(np.percentile(reqs, BURST_QUANTILE)) / w,
-            )
-        )
+        work = np.bincount(win, weights=ref_work[mine], minlength=int(win.max()) + 1)
+        out.append(float(np.percentile(work, BURST_QUANTILE)) / w)
     return out
 
 
