@@ -25,6 +25,7 @@ from sim.autoscaler import Observed, Planner
 from sim.catalog import model as catalog_model
 from sim.catalog import unit_type
 from sim.cluster import Cluster, build_cluster
+from sim.deployment import Deployments
 from sim.engine import DECODE, PREFILL, Engine, Requests
 from sim.harness import ExtenderHarness
 from sim.kube import KubeScheduler
@@ -33,24 +34,12 @@ from sim.pods import NAMESPACE, make_pod
 from sim.scenario import Scenario
 from sim.telemetry import TelemetryAgent
 from sim.workload import Workload
-from workloads.roofline import RUNTIME_OVERHEAD_BYTES, DemandModel
+from workloads.roofline import DemandModel
 
 EPOCH = 1_767_225_600.0  # simulated wall clock at t=0 (2026-01-01T00:00:00Z)
 KV_LINK_BYTES_PER_S = 25e9  # prefill -> decode KV transfer (RDMA / NVLink mix)
 SERIES_EVERY_S = 10.0
-MODEL_LEN_ROUND = 1024  # --max-model-len: the service's longest request, rounded up to this
-KV_BURST_FACTOR = 2.0  # KV budget over the roofline's mean-batch estimate
-ELASTIC_TPOT_FRACTION = 0.5  # elastic decode demand keeps half the TPOT target in reserve
-ELASTIC_GRID = tuple(round(0.05 * k, 2) for k in range(1, 21))
-DECODE_KV_SHARE = 0.3  # of the reference GPU's memory: each decode pod's KV budget
-PLANNER_TPOT_FRACTION = 0.6  # the planner's decode capacity is taken at this much of TPOT
-# Decode capacity is profiled on a whole reference GPU; on a shared unit with an MPS share
-# the pod runs ~20 % slower (SM-share curve at 30 %): the planner plans with that margin.
-DECODE_SPEED_MARGIN = 0.8
 DRAIN_GRACE_S = 300.0  # serve requests still in flight at the end for at most this long
-# Of per-window load over the run (windows of one TTFT target): the operator's burst estimate.
-BURST_QUANTILE = 99.9
-GPU_MEMORY_UTILIZATION = 0.9  # most of a reference GPU a single pod may configure
 
 
 @dataclass
@@ -230,34 +219,13 @@ def run_policy(
     )
     ref_work = engine.ref_work
 
-    # vLLM's --max-model-len per service: its longest request (prompt + output), rounded up;
-    # a pod's KV must hold at least one such sequence or vLLM refuses to start.
-    longest = np.zeros(ns)
-    np.maximum.at(longest, workload.service, workload.prompt + workload.output)
-    max_len = np.ceil(np.maximum(longest, 1) / MODEL_LEN_ROUND) * MODEL_LEN_ROUND
-
-    def kv_cap(i: int) -> float:
-        """KV bytes a pod may hold on the reference GPU (vLLM's gpu_memory_utilization)."""
-        m = models[i]
-        usable = GPU_MEMORY_UTILIZATION * ref_ut.memory_bytes
-        return max(usable - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
-
-    def decode_kv(i: int) -> float:
-        """KV budget of every decode pod of the service (bytes)."""
-        floor = max_len[i] * models[i].kv_bytes_per_token
-        return max(floor, min(DECODE_KV_SHARE * ref_ut.memory_bytes, kv_cap(i)))
-
-    def decode_cap(i: int, ctx: float) -> float:
-        kv_batch = int(decode_kv(i) // (models[i].kv_bytes_per_token * max(ctx, 1.0)))
-        goal = services[i].slo.tpot_s * PLANNER_TPOT_FRACTION
-        tokens = perf.decode_tokens_per_s(i, ctx, goal, max(kv_batch, 1))
-        return tokens * DECODE_SPEED_MARGIN
+    deploy = Deployments(scenario, models, ref_ut, perf, workload, demand_model)
 
     # The operator knows each service's burstiness from its traffic history (the 99.9th
     # percentile of prefill work per TTFT-long window): the planner never sizes prefill for
     # less.
     planner = Planner(
-        scenario.autoscaler, services, decode_cap, _bursts(workload, ref_work, ns)
+        scenario.autoscaler, services, deploy.decode_capacity, deploy.bursts(workload, ref_work)
     )
     telemetry = TelemetryAgent(cluster, scenario.telemetry_interval_s, scenario.step_s)
 
@@ -298,22 +266,6 @@ def run_policy(
         used[unit_gpu[unit_pods > 0]] = True
         gpu_in_use = used
 
-    def _declared_rps(i: int, role: int, target, n: int) -> float:
-        """The load each pod is sized for (its `copack.io/load`): its share of the mean at the
-        planner's target utilization; for prefill also its share of the remembered burst
-        rate, since a prefill pod is provisioned (and must have its SMs) for the bursts."""
-        a = scenario.autoscaler
-        rps = target.rps / max(n, 1) / a.target_utilization
-        if role == PREFILL:
-            # Its share of the burst work, in requests of the mean prompt.
-            per_req = float(
-                perf.reference_prefill_work(
-                    np.array([i]), np.array([max(round(target.prompt_mean or 1024), 1)])
-                )[0]
-            )
-            rps = max(rps, target.prefill_peak / max(n, 1) / a.peak_utilization / per_req)
-        return rps
-
     def create(i: int, role: int, t: float, target) -> None:
         svc = services[i]
         rname = "prefill" if role == PREFILL else "decode"
@@ -325,65 +277,19 @@ def run_policy(
             rname,
             name,
             seed=scenario.seed,
-            rps=_declared_rps(i, role, target, n_target),
+            rps=deploy.declared_rps(i, role, target, n_target),
             prompt=target.prompt_mean or 1024,
             output=target.output_mean or 128,
             cpu=scenario.scheduler.pod_cpu,
             memory_gib=scenario.scheduler.pod_memory_gib,
             created=EPOCH + t,
         )
-        mem = _pod_memory(obj, i, role)
-        demand = f"mem={mem // 2**20}Mi"
-        if role == DECODE and scenario.autoscaler.decode_demand == "elastic":
-            demand = f"bw={_elastic_bw(i, obj):.3f},{demand}"
-        obj["metadata"]["annotations"][DEMAND_ANNOTATION] = demand
+        obj["metadata"]["annotations"][DEMAND_ANNOTATION] = deploy.demand_annotation(obj, i, role)
         rec = PodRecord(name, i, role, obj, t, t)
         pods.append(rec)
         live[i][role].append(rec)
         binder.pods[(NAMESPACE, name)] = rec
         harness.upsert_pod(obj)
-
-    def _pod_memory(obj: dict[str, Any], i: int, role: int) -> int:
-        """The memory the deployment gives vLLM (weights, runtime, KV budget). Prefill: KV for
-        its prompts in flight (twice the roofline's estimate), decode: a fixed KV budget per
-        model (DECODE_KV_SHARE of the reference GPU, what the planner's capacity assumes);
-        never less than one max-length sequence (vLLM refuses to start otherwise)."""
-        m = models[i]
-        if role == DECODE:
-            kv = decode_kv(i)
-        else:
-            core = demand_model.demand(pod_request_from_k8s(obj), core_unit_type(ref_ut))
-            kv_core = max(core.mem_bytes - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
-            floor = max_len[i] * m.kv_bytes_per_token
-            kv = min(max(floor, KV_BURST_FACTOR * kv_core), max(floor, kv_cap(i)))
-        return int(m.weight_bytes + RUNTIME_OVERHEAD_BYTES + kv)
-
-    def _elastic_bw(i: int, obj: dict[str, Any]) -> float:
-        """The smallest bandwidth share at which a decode pod still meets its TPOT target with
-        room to spare (ELASTIC_TPOT_FRACTION of it) at its declared load: continuous batching
-        trades step time for batch size, so a decode pod needs far less than the ~0.85 of the
-        roof it takes when it free-runs alone."""
-        load = pod_request_from_k8s(obj).load
-        if load is None:
-            return 1.0
-        m = models[i]
-        out = float(load.output_tokens or 128)
-        ctx = float(load.prompt_tokens) + out / 2
-        goal = services[i].slo.tpot_s * ELASTIC_TPOT_FRACTION
-        ref = core_unit_type(ref_ut)
-        for beta in ELASTIC_GRID:
-            batch = 1.0
-            for _ in range(30):  # B = rps * output * T(B, beta)
-                step = demand_model.decode_step_time(m, batch, ctx, ref, bw_share=beta)
-                nxt = max(1.0, load.rps * out * step)
-                if abs(nxt - batch) < 1e-3 or nxt > 1024:
-                    batch = nxt
-                    break
-                batch = nxt
-            step = demand_model.decode_step_time(m, batch, ctx, ref, bw_share=beta)
-            if batch <= 1024 and step <= goal:
-                return float(beta)
-        return 1.0
 
     def delete(rec: PodRecord, t: float) -> None:
         nonlocal mem_total
@@ -431,9 +337,7 @@ def run_policy(
         rec.node, rec.unit, rec.state, rec.bound_t = unit.node, unit.index, "bound", t
         model = models[rec.service]
         if rec.role == DECODE:
-            kv_budget = rec.mem_bytes - model.weight_bytes - RUNTIME_OVERHEAD_BYTES
-            ctx = _ctx_from_load(rec.obj)
-            max_batch = int(max(1, kv_budget // (model.kv_bytes_per_token * ctx)))
+            max_batch = deploy.max_batch(rec.obj, rec.service, rec.mem_bytes)
         else:
             max_batch = 1
         ready = t if t == 0.0 else t + scenario.autoscaler.startup_s
@@ -542,28 +446,3 @@ def run_policy(
         wall_s=time.perf_counter() - wall0,
         gpu_count=n_gpus,
     )
-
-
-def _bursts(wl: Workload, ref_work: np.ndarray, n_services: int) -> list[float]:
-    """Per service, over the whole run: the BURST_QUANTILE of prefill work per window of one
-    TTFT target (reference GPU-seconds per second)."""
-    out = []
-    for i in range(n_services):
-        mine = wl.service == i
-        if not mine.any():
-            out.append(0.0)
-            continue
-        w = float(wl.ttft_slo[i])
-        win = (wl.arrival[mine] // w).astype(np.int64)
-        work = np.bincount(win, weights=ref_work[mine], minlength=int(win.max()) + 1)
-        out.append(float(np.percentile(work, BURST_QUANTILE)) / w)
-    return out
-
-
-def _ctx_from_load(pod: dict[str, Any]) -> float:
-    """Mean context (prompt + output / 2) the pod's `copack.io/load` declares."""
-    request = pod_request_from_k8s(pod)
-    load = request.load
-    if load is None:
-        return 2048.0
-    return float(load.prompt_tokens) + float(load.output_tokens or 128) / 2.0

@@ -1,0 +1,167 @@
+"""How the simulated operator configures each pod it deploys: vLLM's memory (weights, runtime,
+KV budget, `--max-model-len`), the planner's per-pod capacity, and what the pod declares to
+copack (`copack.io/load`, `copack.io/demand`).
+
+Every policy gets the very same pods with the very same declarations; only placement differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from policies.annotations import pod_request_from_k8s
+from sim.autoscaler import Target
+from sim.catalog import UnitType
+from sim.perf import PerfTables, core_unit_type
+from sim.scenario import Scenario
+from sim.workload import Workload
+from workloads.model_catalog import ModelSpec
+from workloads.roofline import RUNTIME_OVERHEAD_BYTES, DemandModel
+
+MODEL_LEN_ROUND = 1024  # --max-model-len: the service's longest request, rounded up to this
+KV_BURST_FACTOR = 2.0  # prefill KV budget over the roofline's in-flight estimate
+ELASTIC_TPOT_FRACTION = 0.5  # elastic decode demand keeps half the TPOT target in reserve
+ELASTIC_GRID = tuple(round(0.05 * k, 2) for k in range(1, 21))
+DECODE_KV_SHARE = 0.3  # of the reference GPU's memory: each decode pod's KV budget
+PLANNER_TPOT_FRACTION = 0.6  # the planner's decode capacity is taken at this much of TPOT
+# Decode capacity is profiled on a whole reference GPU; on a shared unit with an MPS share
+# the pod runs ~20 % slower (SM-share curve at 30 %): the planner plans with that margin.
+DECODE_SPEED_MARGIN = 0.8
+GPU_MEMORY_UTILIZATION = 0.9  # most of a reference GPU a single pod may configure
+# Of per-window load over the run (windows of one TTFT target): the operator's burst estimate.
+BURST_QUANTILE = 99.9
+PREFILL, DECODE = 0, 1
+
+
+class Deployments:
+    def __init__(
+        self,
+        scenario: Scenario,
+        models: Sequence[ModelSpec],
+        reference: UnitType,
+        perf: PerfTables,
+        workload: Workload,
+        demand_model: DemandModel,
+    ) -> None:
+        self.scenario = scenario
+        self.services = scenario.services
+        self.models = list(models)
+        self.ref = reference
+        self.perf = perf
+        self.dm = demand_model
+        # vLLM's --max-model-len per service: its longest request, rounded up; a pod's KV must
+        # hold at least one such sequence or vLLM refuses to start.
+        longest = np.zeros(len(self.services))
+        np.maximum.at(longest, workload.service, workload.prompt + workload.output)
+        self.max_len = np.ceil(np.maximum(longest, 1) / MODEL_LEN_ROUND) * MODEL_LEN_ROUND
+
+    # --- memory ---
+    def kv_cap(self, i: int) -> float:
+        """KV bytes a pod may hold on the reference GPU (vLLM's gpu_memory_utilization)."""
+        m = self.models[i]
+        usable = GPU_MEMORY_UTILIZATION * self.ref.memory_bytes
+        return max(usable - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
+
+    def decode_kv(self, i: int) -> float:
+        """KV budget of every decode pod of the service (bytes)."""
+        floor = self.max_len[i] * self.models[i].kv_bytes_per_token
+        return max(floor, min(DECODE_KV_SHARE * self.ref.memory_bytes, self.kv_cap(i)))
+
+    def pod_memory(self, pod: dict, i: int, role: int) -> int:
+        """The memory vLLM is given: weights, runtime, and a KV budget. Prefill: twice the
+        roofline's in-flight KV; decode: `decode_kv` (what the planner's capacity assumes);
+        never less than one max-length sequence."""
+        m = self.models[i]
+        if role == DECODE:
+            kv = self.decode_kv(i)
+        else:
+            core = self.dm.demand(pod_request_from_k8s(pod), core_unit_type(self.ref))
+            kv_core = max(core.mem_bytes - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
+            floor = self.max_len[i] * m.kv_bytes_per_token
+            kv = min(max(floor, KV_BURST_FACTOR * kv_core), max(floor, self.kv_cap(i)))
+        return int(m.weight_bytes + RUNTIME_OVERHEAD_BYTES + kv)
+
+    def max_batch(self, pod: dict, i: int, mem_bytes: int) -> int:
+        """Sequences a decode pod's KV budget holds at its declared mean context."""
+        m = self.models[i]
+        load = pod_request_from_k8s(pod).load
+        ctx = (
+            2048.0
+            if load is None
+            else float(load.prompt_tokens) + float(load.output_tokens or 128) / 2.0
+        )
+        kv_budget = mem_bytes - m.weight_bytes - RUNTIME_OVERHEAD_BYTES
+        return int(max(1, kv_budget // (m.kv_bytes_per_token * ctx)))
+
+    # --- planner capacity ---
+    def decode_capacity(self, i: int, ctx: float) -> float:
+        """Output tokens/s one decode pod sustains: at the largest batch whose step meets
+        PLANNER_TPOT_FRACTION of the TPOT target and whose KV fits the budget, derated."""
+        kv_batch = int(self.decode_kv(i) // (self.models[i].kv_bytes_per_token * max(ctx, 1.0)))
+        goal = self.services[i].slo.tpot_s * PLANNER_TPOT_FRACTION
+        tokens = self.perf.decode_tokens_per_s(i, ctx, goal, max(kv_batch, 1))
+        return tokens * DECODE_SPEED_MARGIN
+
+    def bursts(self, wl: Workload, ref_work: np.ndarray) -> list[float]:
+        """Per service, over the whole run: the BURST_QUANTILE of prefill work per window of
+        one TTFT target (reference GPU-seconds per second), the operator's burst estimate."""
+        out = []
+        for i in range(len(self.services)):
+            mine = wl.service == i
+            if not mine.any():
+                out.append(0.0)
+                continue
+            w = float(wl.ttft_slo[i])
+            win = (wl.arrival[mine] // w).astype(np.int64)
+            work = np.bincount(win, weights=ref_work[mine], minlength=int(win.max()) + 1)
+            out.append(float(np.percentile(work, BURST_QUANTILE)) / w)
+        return out
+
+    # --- declarations ---
+    def declared_rps(self, i: int, role: int, target: Target, n: int) -> float:
+        """The load each pod is sized for (its `copack.io/load`): its share of the mean at the
+        planner's target utilization; for prefill also its share of the remembered burst,
+        since a prefill pod is provisioned (and must have its SMs) for the bursts."""
+        a = self.scenario.autoscaler
+        rps = target.rps / max(n, 1) / a.target_utilization
+        if role == PREFILL:
+            prompt = max(round(target.prompt_mean or 1024), 1)
+            per_req = float(self.perf.reference_prefill_work(np.array([i]), np.array([prompt]))[0])
+            rps = max(rps, target.prefill_peak / max(n, 1) / a.peak_utilization / per_req)
+        return rps
+
+    def elastic_bw(self, pod: dict, i: int) -> float:
+        """The smallest bandwidth share at which a decode pod still meets ELASTIC_TPOT_FRACTION
+        of its TPOT target at its declared load: continuous batching trades step time for
+        batch size, so a decode pod needs far less than the ~0.85 of the roof it takes when it
+        free-runs alone."""
+        load = pod_request_from_k8s(pod).load
+        if load is None:
+            return 1.0
+        m = self.models[i]
+        out = float(load.output_tokens or 128)
+        ctx = float(load.prompt_tokens) + out / 2
+        goal = self.services[i].slo.tpot_s * ELASTIC_TPOT_FRACTION
+        ref = core_unit_type(self.ref)
+        for beta in ELASTIC_GRID:
+            batch = 1.0
+            for _ in range(30):  # B = rps * output * T(B, beta)
+                step = self.dm.decode_step_time(m, batch, ctx, ref, bw_share=beta)
+                nxt = max(1.0, load.rps * out * step)
+                if abs(nxt - batch) < 1e-3 or nxt > 1024:
+                    batch = nxt
+                    break
+                batch = nxt
+            step = self.dm.decode_step_time(m, batch, ctx, ref, bw_share=beta)
+            if batch <= 1024 and step <= goal:
+                return float(beta)
+        return 1.0
+
+    def demand_annotation(self, pod: dict, i: int, role: int) -> str:
+        """`copack.io/demand`: the configured memory, and for decode the elastic bandwidth."""
+        demand = f"mem={self.pod_memory(pod, i, role) // 2**20}Mi"
+        if role == DECODE and self.scenario.autoscaler.decode_demand == "elastic":
+            demand = f"bw={self.elastic_bw(pod, i):.3f},{demand}"
+        return demand

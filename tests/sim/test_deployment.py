@@ -1,0 +1,84 @@
+"""What the simulated operator configures and declares for each pod."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policies.annotations import pod_request_from_k8s
+from policies.model import UnitType
+from sim.autoscaler import Target
+from sim.catalog import model, unit_type
+from sim.deployment import DECODE, PREFILL, Deployments
+from sim.perf import PerfTables
+from sim.pods import make_pod
+from sim.scenario import parse_scenario
+from sim.workload import build_workload
+from tests.sim.conftest import small_raw
+from workloads.roofline import RUNTIME_OVERHEAD_BYTES, DemandModel
+
+
+def _deploy():
+    scn = parse_scenario(small_raw(), "small")
+    wl = build_workload(scn)
+    models = [model(s.model) for s in scn.services]
+    ref = unit_type("H100-SXM", None)
+    perf = PerfTables(models, ref)
+    return scn, wl, models, Deployments(scn, models, ref, perf, wl, DemandModel())
+
+
+def _pod(scn, role, rps=2.0):
+    return make_pod(scn.services[0], role, f"x-{role}", seed=1, rps=rps, prompt=1100, output=210,
+                    cpu=8, memory_gib=64, created=0.0)
+
+
+def test_max_model_len_covers_the_longest_request_and_bounds_memory():
+    scn, wl, models, d = _deploy()
+    longest = max(int((wl.prompt + wl.output)[wl.service == 0].max()), 1)
+    assert longest <= d.max_len[0] < longest + 1024
+    m = models[0]
+    for role in (PREFILL, DECODE):
+        mem = d.pod_memory(_pod(scn, ["prefill", "decode"][role]), 0, role)
+        assert mem >= m.weight_bytes + RUNTIME_OVERHEAD_BYTES + d.max_len[0] * m.kv_bytes_per_token
+        assert mem <= 0.9 * unit_type("H100-SXM", None).memory_bytes + 1
+
+
+def test_elastic_decode_bandwidth_is_below_the_free_running_demand_and_meets_tpot():
+    scn, _, models, d = _deploy()
+    pod = _pod(scn, "decode")
+    beta = d.elastic_bw(pod, 0)
+    free = DemandModel().demand(pod_request_from_k8s(pod), UnitType("NVIDIA H100 80GB HBM3")).bw
+    assert 0.05 <= beta < free
+    req = pod_request_from_k8s(pod)
+    load = req.load
+    batch = load.rps * load.output_tokens * 0.05  # generous: TPOT-bound batch
+    step = DemandModel().decode_step_time(models[0], batch, 1100 + 105, "NVIDIA H100 80GB HBM3",
+                                          bw_share=beta)
+    assert step <= scn.services[0].slo.tpot_s
+    ann = d.demand_annotation(pod, 0, DECODE)
+    assert ann.startswith(f"bw={beta:.3f},mem=")
+
+
+def test_prefill_declares_its_share_of_the_burst():
+    _scn, _, _, d = _deploy()
+    quiet = Target(prefill=2, decode=1, rps=1.0, prompt_mean=1000, output_mean=200,
+                   prefill_peak=0.0)
+    bursty = Target(prefill=2, decode=1, rps=1.0, prompt_mean=1000, output_mean=200,
+                    prefill_peak=1.6)
+    assert d.declared_rps(0, PREFILL, quiet, 2) == 1.0 / 2 / 0.7
+    per_req = float(d.perf.reference_prefill_work(np.array([0]), np.array([1000]))[0])
+    assert d.declared_rps(0, PREFILL, bursty, 2) == 1.6 / 2 / per_req
+    # silent services (no prompt seen yet) fall back to 1024 tokens, not to one token
+    silent = Target(prefill=1, decode=1, rps=0.0, prompt_mean=0.0, output_mean=0.0,
+                    prefill_peak=0.5)
+    assert d.declared_rps(0, PREFILL, silent, 1) < 100
+
+
+def test_decode_capacity_grows_with_the_tpot_target():
+    _scn, _, _, d = _deploy()
+    tight = d.decode_capacity(0, 1200.0)
+    assert tight > 0
+    loose_raw = small_raw()
+    loose_raw["services"][0]["slo"]["tpot_s"] = 0.2
+    scn2 = parse_scenario(loose_raw, "loose")
+    d2 = Deployments(scn2, d.models, d.ref, d.perf, build_workload(scn2), DemandModel())
+    assert d2.decode_capacity(0, 1200.0) >= tight
