@@ -211,6 +211,14 @@ def load_scenario(path: str | Path) -> Scenario:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ScenarioError(f"scenario {path} is not valid YAML: {e}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("services"), list):
+        from sim.traces import TRACE_FILES
+
+        for svc in raw["services"]:
+            trace = svc.get("trace") if isinstance(svc, dict) else None
+            local = isinstance(trace, str) and trace not in TRACE_FILES
+            if local and not Path(trace).is_absolute():
+                svc["trace"] = str((path.parent / trace).resolve())  # relative to the file
     return parse_scenario(raw, str(path))
 
 

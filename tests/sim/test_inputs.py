@@ -129,3 +129,22 @@ def test_load_scenario_reports_unreadable_and_bad_yaml(tmp_path: Path):
     f.write_text("- a list\n")
     with pytest.raises(ScenarioError, match="mapping"):
         load_scenario(f)
+
+
+def test_trace_paths_in_a_scenario_file_are_relative_to_it(tmp_path: Path):
+    import yaml
+
+    from sim.workload import build_workload
+
+    (tmp_path / "t.csv").write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:00:00.0,100,10\n2023-11-16 18:00:01.5,200,20\n"
+        "2023-11-16 18:00:03.0,300,30\n"
+    )
+    raw = {**SMALL, "services": [{**SMALL["services"][0], "trace": "t.csv"}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    s = load_scenario(tmp_path / "s.yaml")
+    assert s.services[0].trace == str(tmp_path / "t.csv")
+    wl = build_workload(s)
+    assert set(wl.prompt.tolist()) == {100, 200, 300}
+    assert len(wl) == 80  # looped: one request per 1.5 s over 120 s
