@@ -170,3 +170,19 @@ def test_decode_context_does_not_drift_on_a_long_running_pod():
     assert not np.isnan(r.tpot).any()
     slowest = perf.decode_step(np.array([pt]), np.array([20]), np.array([2048 + 101]))[0]
     assert np.all(r.tpot <= 1.2 * slowest)
+
+
+def test_sm_share_slowdowns_match_muxserve_measurements():
+    """The engine's contention parameters against MuxServe (LLaMA-7B, A100, MPS caps)."""
+    import json
+
+    from sim.traces import data_dir
+
+    table = json.loads((data_dir() / "muxserve_llama_a100_profile.json").read_text())
+    mux = table["llama-7b"]["1"]
+    pf = mux["50"]["1"]["512"]["prefill"] / mux["100"]["1"]["512"]["prefill"]
+    dec = mux["50"]["32"]["512"]["decoding"] / mux["100"]["32"]["512"]["decoding"]
+    perf = PerfTables([model("huggyllama/llama-7b")], unit_type("A100-80GB", None))
+    a, _ = perf.sensitivity(np.array([0, 0]), np.array([PREFILL, DECODE]))
+    assert a[0] / 0.5 + 1 - a[0] == pytest.approx(pf, rel=0.1)  # 1.84x measured
+    assert a[1] / 0.5 + 1 - a[1] == pytest.approx(dec, rel=0.05)  # 1.13x measured
