@@ -1395,27 +1395,38 @@ class _Handler(BaseHTTPRequestHandler):
     # -- writing
 
     _discard = False
+    _rec: RecordedRequest | None = None
+
+    @property
+    def _status(self) -> int:
+        return self._rec.status if self._rec is not None else 0
+
+    @_status.setter
+    def _status(self, code: int) -> None:
+        # recorded before the answer goes out: a client that got it sees it in `requests`
+        if self._rec is not None:
+            self._rec.status = code
 
     def _send_json(self, code: int, body: Any) -> None:
         if self._discard:
             self._status = code
             return
         data = orjson.dumps(body)
+        self._status = code  # recorded before the client can see the answer
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self._status = code
 
     def start_chunked(self, code: int, ctype: str) -> None:
+        self._status = code  # recorded before the client can see the answer
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache, private")
         self.end_headers()
         self.wfile.flush()
-        self._status = code
 
     def write_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -1443,7 +1454,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         fake = self.fake
-        self._status = 0
+        self._rec = None
         self._discard = False
         split = urlsplit(self.path)
         path = split.path.rstrip("/") or "/"
@@ -1454,6 +1465,7 @@ class _Handler(BaseHTTPRequestHandler):
             user_agent=self.headers.get("User-Agent"),
             authorization=self.headers.get("Authorization"),
         )
+        self._rec = rec
         with fake._cond:
             fake.requests.append(rec)
         try:
@@ -1499,7 +1511,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(500, ApiError(500, "InternalError", f"fake apiserver bug: {e!r}")
                             .status())
         finally:
-            rec.status = self._status
+            self._rec = None
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -1667,20 +1679,20 @@ class _Handler(BaseHTTPRequestHandler):
         if self._discard:
             self._status = code
             return
+        self._status = code  # recorded before the client can see the answer
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self._status = code
 
     def _send_text(self, code: int, data: bytes) -> None:
+        self._status = code  # recorded before the client can see the answer
         self.send_response(code)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self._status = code
 
 
 def _with_kind(resource: str, obj: dict) -> dict:
