@@ -11,8 +11,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY deploy/images/requirements.lock /tmp/requirements.lock
-RUN python -m pip install --no-deps -r /tmp/requirements.lock && rm /tmp/requirements.lock
+COPY deploy/images/requirements.lock deploy/images/build-requirements.lock /tmp/
+RUN python -m pip install --no-deps -r /tmp/requirements.lock -r /tmp/build-requirements.lock \
+    && rm /tmp/requirements.lock /tmp/build-requirements.lock
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -22,7 +23,7 @@ COPY workloads ./workloads
 COPY extender ./extender
 COPY node_agent ./node_agent
 COPY sim ./sim
-RUN python -m pip install --no-deps . \
+RUN python -m pip install --no-deps --no-build-isolation . \
     && python -m pip check \
     && rm -rf /src \
     && copack --help > /dev/null

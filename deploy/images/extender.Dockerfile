@@ -9,10 +9,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Exact pins of the runtime dependencies only (deploy/images/lock.sh); --no-deps so nothing
-# unpinned slips in, then `pip check` proves the pinned set is complete and consistent.
-COPY deploy/images/requirements.lock /tmp/requirements.lock
-RUN python -m pip install --no-deps -r /tmp/requirements.lock && rm /tmp/requirements.lock
+# Exact pins (deploy/images/lock.sh): the runtime dependencies and what building the wheel needs,
+# --no-deps and no build isolation so nothing unpinned slips in; `pip check` then proves the
+# pinned set complete and consistent.
+COPY deploy/images/requirements.lock deploy/images/build-requirements.lock /tmp/
+RUN python -m pip install --no-deps -r /tmp/requirements.lock -r /tmp/build-requirements.lock \
+    && rm /tmp/requirements.lock /tmp/build-requirements.lock
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -24,7 +26,7 @@ COPY node_agent ./node_agent
 COPY sim ./sim
 # The TLS bootstrap Job (dev overlay) shells out to openssl, which Debian's ca-certificates
 # package brings in: fail the build rather than the Job if that ever changes.
-RUN python -m pip install --no-deps . \
+RUN python -m pip install --no-deps --no-build-isolation . \
     && python -m pip check \
     && rm -rf /src \
     && openssl version \

@@ -24,6 +24,7 @@ from tests.deploy.manifests import DEPLOY, REPO, one, pod_spec, render
 
 IMAGES = DEPLOY / "images"
 LOCK = IMAGES / "requirements.lock"
+BUILD_LOCK = IMAGES / "build-requirements.lock"
 DOCKERFILES = {"extender": IMAGES / "extender.Dockerfile", "agent": IMAGES / "agent.Dockerfile"}
 
 
@@ -45,14 +46,16 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def lock_pins() -> dict[str, str]:
-    pins = {}
-    for line in LOCK.read_text().splitlines():
+def lock_pins(path: Path = LOCK) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in path.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+!-]+)", line.strip())
-        assert m, f"requirements.lock: not an exact pin: {line!r}"
-        pins[canonicalize_name(m[1])] = m[2]
+        assert m, f"{path.name}: not an exact pin: {line!r}"
+        name = canonicalize_name(m[1])
+        assert name not in pins, f"{path.name}: {name} pinned twice"
+        pins[name] = m[2]
     return pins
 
 
@@ -92,8 +95,9 @@ def test_copies_exist_and_dependencies_come_from_the_lock(name: str) -> None:
             for s in sources:
                 assert (REPO / s).exists(), f"{name}: COPY {s}: no such path"
     runs = " && ".join(a for i, a in steps if i == "RUN")
-    assert "pip install --no-deps -r /tmp/requirements.lock" in runs
-    assert "pip install --no-deps ." in runs
+    assert "pip install --no-deps -r /tmp/requirements.lock -r /tmp/build-requirements.lock" in runs
+    # No build isolation: it would fetch setuptools/wheel unpinned at build time.
+    assert "pip install --no-deps --no-build-isolation ." in runs
     assert "pip check" in runs
     copied = {shlex.split(a)[0] for i, a in steps if i == "COPY"}
     # Every package directory the wheel includes is copied in.
@@ -140,6 +144,18 @@ def test_lock_pins_every_runtime_dependency_at_an_accepted_version() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), (
             f"requirements.lock pins {req.name}=={pins[name]}, pyproject wants {req.specifier}"
         )
+
+
+def test_build_lock_covers_the_build_system_and_does_not_repeat_a_runtime_pin() -> None:
+    build, runtime = lock_pins(BUILD_LOCK), lock_pins()
+    assert not set(build) & set(runtime), set(build) & set(runtime)  # pip refuses doubles
+    both = {**runtime, **build}
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    for spec in requires:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in both, f"build requirement {req.name} is not pinned: rerun lock.sh"
+        assert req.specifier.contains(both[name]), (req, both[name])
 
 
 def test_lock_holds_no_dev_tool() -> None:
