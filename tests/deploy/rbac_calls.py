@@ -159,10 +159,17 @@ def _names_api_class(node: ast.AST | None) -> bool:
 def _api_holders(tree: ast.AST) -> set[str]:
     """Expressions (as source) that hold a client API object: `self._core`, `core`, `api`."""
     holders: set[str] = set()
+    # Functions annotated to return a client API object: `def core() -> client.CoreV1Api`.
+    factories = {n.name for n in ast.walk(tree)
+                 if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+                 and _names_api_class(n.returns)}
 
     def produces(v: ast.AST | None) -> bool:
         if isinstance(v, ast.Call):
-            return _names_api_class(v.func)
+            f = v.func
+            called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(
+                f, ast.Attribute) else None
+            return _names_api_class(f) or called in factories
         if isinstance(v, ast.Name | ast.Attribute):
             return ast.unparse(v) in holders
         if isinstance(v, ast.IfExp):

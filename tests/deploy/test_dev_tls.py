@@ -170,3 +170,37 @@ def test_extender_config_in_the_configmap_is_accepted_by_the_extender(certs: Pat
     port = next(p["containerPort"] for p in c["ports"] if p["name"] == "https")
     assert cfg.listen.port == port
     assert cfg.tls.enabled
+
+
+def test_job_role_grants_exactly_the_scripts_api_calls() -> None:
+    from tests.deploy.rbac_calls import Permission, required, scan_source
+
+    calls, unresolved = scan_source(SCRIPT.read_text(), SCRIPT.name)
+    assert not unresolved
+    assert required(calls) == {Permission("", "secrets", v) for v in ("get", "create", "update")}
+    role = one(render("overlays/dev"), "Role", "copack-tls-bootstrap")
+    granted = {(v, tuple(r.get("resourceNames", ()))) for r in role["rules"] for v in r["verbs"]}
+    # create cannot be limited by name; get and update only for the Secret the Job writes.
+    assert granted == {("create", ()), ("get", ("copack-extender-tls",)),
+                       ("update", ("copack-extender-tls",))}
+
+
+def test_an_api_server_that_refuses_gives_a_one_line_error(tmp_path: Path) -> None:
+    """The fake API server serves no Secrets (404 for every Secret call): the script must say
+    which call failed and exit 1, not crash."""
+    from tests.fakes.kube_apiserver import FakeKubeApiServer
+
+    with FakeKubeApiServer() as server:
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--kubeconfig", str(kubeconfig)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        methods = [(r.method, r.path) for r in server.requests]
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "writing secret copack-system/copack-extender-tls: 404" in done.stderr
+    assert methods == [
+        ("GET", "/api/v1/namespaces/copack-system/secrets/copack-extender-tls"),
+        ("POST", "/api/v1/namespaces/copack-system/secrets"),
+    ]

@@ -17,6 +17,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when needed: --out-dir runs without the kubernetes client
+    from kubernetes import client
 
 VALID_DAYS = 365
 RENEW_BEFORE_DAYS = 30
@@ -97,7 +101,7 @@ def still_good(files: dict[str, bytes], names: list[str], workdir: Path) -> bool
     return all(f"DNS:{n}" in text for n in names)
 
 
-def _core_api(kubeconfig: str | None):
+def _core_api(kubeconfig: str | None) -> client.CoreV1Api:
     from kubernetes import client, config
 
     if kubeconfig:
