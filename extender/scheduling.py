@@ -104,6 +104,9 @@ class Scheduler:
         s = self.state
         nodes, problems = s.nodes, s.problem_nodes
         stale = s.stale_nodes()
+        names = failed.keys()
+        if not (names - nodes.keys()) and not (names & problems.keys()) and not (names & stale):
+            return failed, {}  # the common case, decided with C-level set operations
         out: dict[str, str] = {}
         never: dict[str, str] = {}
         for name, reason in failed.items():
