@@ -264,7 +264,7 @@ class Decision:
             if bad_types:
                 flags = np.stack([self._row_bad_types[t][krows] for t in bad_types], axis=1)
                 key = np.hstack([key, flags.astype(key.dtype)])
-            uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+            uniq, inverse = _group_rows(key)
             texts = []
             for u in uniq.tolist():
                 text = fz.summarize(np.asarray(u[: fz.N_REASONS]))
@@ -274,8 +274,11 @@ class Decision:
                     text = f"{text} ({why})"
                 texts.append(text)
             known_msgs = self._pick(texts, inverse.ravel().tolist())
-            it = iter(known_msgs)
-            msgs = [next(it) if k else m for k, m in zip(known.tolist(), msgs, strict=True)]
+            if known.all():
+                msgs = known_msgs
+            else:
+                it = iter(known_msgs)
+                msgs = [next(it) if k else m for k, m in zip(known.tolist(), msgs, strict=True)]
         return dict(zip(names, msgs, strict=True))
 
     @cached_property
@@ -475,6 +478,24 @@ def _resolve(
     mask[cand_row[cand_row >= 0]] = True
     cache.names, cache.version, cache.value = cand_names, version, (cand_row, mask)
     return cand_names, cand_row, mask
+
+
+_ROW_HASH = np.random.default_rng(20240611).integers(1, 2**62, size=64, dtype=np.int64)
+
+
+def _group_rows(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(key, axis=0, return_inverse=True), fast: np.unique over rows is a slow
+    lexicographic sort (1.4 ms for 1,250 x 11); hash each row to one int64 instead, and check
+    that every row equals its group's representative (else fall back to the exact method)."""
+    if key.shape[1] > len(_ROW_HASH):
+        return np.unique(key, axis=0, return_inverse=True)
+    with np.errstate(over="ignore"):
+        h = key.astype(np.int64) @ _ROW_HASH[: key.shape[1]]
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    uniq = key[first]
+    if not np.array_equal(uniq[inverse], key):  # a hash collision: be exact
+        return np.unique(key, axis=0, return_inverse=True)
+    return uniq, inverse
 
 
 def _sparse_columns(view: ClusterView, cand_row: np.ndarray) -> np.ndarray | None:
