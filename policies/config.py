@@ -30,7 +30,7 @@ class PolicyConfig:
     overcommit: float = 0.0
     stale_after_s: float = 15.0
     assumed_window_s: float = 10.0
-    max_pods_per_unit: int = 8
+    max_pods_per_unit: int = 4  # = the device plugin's default slots_per_unit
     slo_check: bool = True
     decode_min_share: float = 0.3
     prefill_min_share: float = 0.1
