@@ -185,11 +185,10 @@ class Engine:
         return pid
 
     def drain(self, pid: int) -> None:
-        """Stop routing new requests to the pod; it finishes what it holds, then is removable."""
+        """Stop routing new requests to the pod; it finishes what it holds, then `drained`
+        reports it (at once for a pod still loading its model)."""
         p = self.p
-        if p.state[pid] in (ST_STARTING,):
-            p.state[pid] = ST_GONE
-        elif p.state[pid] == ST_READY:
+        if p.state[pid] in (ST_STARTING, ST_READY):
             p.state[pid] = ST_DRAINING
         self._unlist(pid)
 

@@ -186,3 +186,13 @@ def test_sm_share_slowdowns_match_muxserve_measurements():
     a, _ = perf.sensitivity(np.array([0, 0]), np.array([PREFILL, DECODE]))
     assert a[0] / 0.5 + 1 - a[0] == pytest.approx(pf, rel=0.1)  # 1.84x measured
     assert a[1] / 0.5 + 1 - a[1] == pytest.approx(dec, rel=0.05)  # 1.13x measured
+
+
+def test_a_pod_drained_while_still_loading_is_reported_for_deletion():
+    eng, _, pt = _engine([5.0], [100], [2])
+    loading = eng.add_pod(0, PREFILL, 0, pt, 1.0, 60.0, 1)  # ready only at t=60
+    eng.step(0.0)
+    eng.drain(loading)
+    eng.step(eng.dt)
+    assert eng.drained() == [loading]
+    assert loading not in eng.ready_prefill[0]
