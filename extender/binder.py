@@ -98,10 +98,12 @@ class KubeBinder:
         BindError (safe to roll back); unreadable -> BindUncertain."""
         what = f"creating the binding of {namespace}/{name} to {node} failed: " \
                f"{type(err).__name__}: {err}"
-        for _ in range(3):
+        # bounded: the node's bind lock is held meanwhile, and kube-scheduler gives up after 5 s
+        for _ in range(2):
             try:
                 raw = self._core.read_namespaced_pod(
-                    name, namespace, _preload_content=False, _request_timeout=self._timeout
+                    name, namespace, _preload_content=False,
+                    _request_timeout=min(2.0, self._timeout),
                 )
                 pod = orjson.loads(raw.data)
                 break
