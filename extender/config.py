@@ -171,7 +171,31 @@ def load_config(path: str | Path | None) -> ExtenderConfig:
     return validate_config(data, source=str(p))
 
 
-EXAMPLE_CONFIG = """\
+_POLICY_COMMENTS = {
+    "policy": "complementary | spread | binpack | dedicated",
+    "overcommit": "allowed sm/bw load above 1.0 per unit",
+    "stale_after_s": "telemetry older than this falls back to declared demand",
+    "assumed_window_s": "a new placement counts as declared demand this long",
+    "max_pods_per_unit": "pods sharing one unit at most",
+    "decode_min_share": "MPS SM-share floor of a decode pod",
+    "prefill_min_share": "MPS SM-share floor of a prefill pod",
+}
+
+
+def _policy_example() -> str:
+    """The policy section from the decision core's own defaults, so it never drifts."""
+    lines = []
+    for key, value in PolicyConfig().to_dict().items():
+        shown = "name" if key == "policy" else key
+        text = yaml.safe_dump({shown: value}, default_flow_style=True).strip()[1:-1]
+        comment = _POLICY_COMMENTS.get(key)
+        entry = f"  {text}"
+        lines.append(f"{entry:<26}# {comment}" if comment else entry)
+    return "\n".join(lines)
+
+
+EXAMPLE_CONFIG = (
+    """\
 # copack extender configuration (every key optional; flags of `copack extender serve` override)
 listen:
   host: 0.0.0.0
@@ -179,15 +203,10 @@ listen:
 tls:                      # HTTPS for kube-scheduler's enableHTTPS; both or neither
   cert_file: null
   key_file: null
-policy:                   # policies.PolicyConfig (docs/policies.md)
-  name: complementary     # complementary | spread | binpack | dedicated
-  overcommit: 0.0         # allowed sm/bw load above 1.0 per unit (0..4)
-  stale_after_s: 15       # telemetry older than this falls back to declared demand
-  assumed_window_s: 10    # a new placement counts as declared demand this long
-  max_pods_per_unit: 8
-  slo_check: true
-  decode_min_share: 0.3   # MPS SM-share floors
-  prefill_min_share: 0.1
+policy:                   # policies.PolicyConfig (docs/policies.md); these are its defaults
+"""
+    + _policy_example()
+    + """
 kube:
   kubeconfig: null        # null: in-cluster config
   watch_timeout_s: 300
@@ -207,3 +226,4 @@ limits:
   max_body_bytes: 67108864
   explain_entries: 10000
 """
+)
