@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -44,8 +45,19 @@ def _run(scenario: Scenario, out: Path, policies: list[str] | None, workers: int
         def progress(policy: str, frac: float) -> None:
             bar.update(tasks[policy], completed=frac)
 
-        results = run_scenario(scenario, policies=pols, progress=progress, workers=workers)
-    path = write_report(results, out, scenario)
+        try:
+            results = run_scenario(scenario, policies=pols, progress=progress, workers=workers)
+        except Exception as e:  # a run that cannot finish: say why, not a traceback
+            if os.environ.get("COPACK_DEBUG"):
+                raise
+            console.print(f"[red]simulation failed[/red]: {type(e).__name__}: {e}")
+            console.print("(set COPACK_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+    try:
+        path = write_report(results, out, scenario)
+    except OSError as e:
+        console.print(f"[red]cannot write the report under {out}[/red]: {e.strerror or e}")
+        raise typer.Exit(1) from None
     console.print(rich_table(results, f"{scenario.name} ({time.perf_counter() - t0:.0f} s)"))
     console.print(f"report: {path}")
 

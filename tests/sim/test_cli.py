@@ -58,3 +58,12 @@ def test_unknown_policy_flag_is_refused(tmp_path: Path):
     cfg.write_text(yaml.safe_dump(small_raw(duration_s=30)))
     res = runner.invoke(app, ["sim", "-c", str(cfg), "--policy", "fastest"])
     assert res.exit_code != 0 and "fastest" in res.output
+
+
+def test_unwritable_report_folder_is_reported(tmp_path: Path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(small_raw(duration_s=30, policies=["dedicated"])))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    res = runner.invoke(app, ["sim", "-c", str(cfg), "--out", str(blocker), "--workers", "1"])
+    assert res.exit_code == 1 and "cannot write the report" in res.output
