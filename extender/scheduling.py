@@ -105,7 +105,7 @@ class Scheduler:
         nodes, problems = s.nodes, s.problem_nodes
         stale = s.stale_nodes()
         names = failed.keys()
-        if not (names - nodes.keys()) and not (names & problems.keys()) and not (names & stale):
+        if names <= nodes.keys() and names.isdisjoint(problems) and names.isdisjoint(stale):
             return failed, {}  # the common case, decided with C-level set operations
         out: dict[str, str] = {}
         never: dict[str, str] = {}
