@@ -1293,6 +1293,8 @@ _ROUTES = [
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # The stdlib's listen backlog of 5 resets connections when 20+ clients connect at once.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients resetting idle keep-alive connections is normal: no traceback for that."""
