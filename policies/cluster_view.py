@@ -151,6 +151,11 @@ class ClusterView:
         self._pending: dict[str, PodRecord] = {}  # placed on a unit not (yet) in the view
         self._multi_row: dict[int, list[int]] = {}  # node id -> rows, for nodes with > K units
         self._slo_pods = 0
+        # memory bytes -> number of placed pods declaring it, and the smallest such size: what
+        # the fragmentation-aware score needs to know whether a unit's leftover can still
+        # host any pod the cluster runs (kept incrementally: decide() must stay O(units))
+        self._mem_sizes: dict[int, int] = {}
+        self._min_mem: int | None = None
         self._window = 10.0
         self.version = 0  # bumped on every change
         self.layout_version = 0  # bumped when nodes/units are added or removed
@@ -325,6 +330,7 @@ class ClusterView:
             self._pods.pop(rec.key, None)
             if rec.slo_sensitive:
                 self._slo_pods -= 1
+            self._count_mem(rec, -1)
         return [rec.key for rec in pods]
 
     def remove_node(self, name: str) -> list[str]:
@@ -419,6 +425,7 @@ class ClusterView:
         self._pods[rec.key] = rec
         if rec.slo_sensitive:
             self._slo_pods += 1
+        self._count_mem(rec, +1)
         self._unit_pods.setdefault(rec.uuid, {})[rec.key] = rec
         self._recompute(slot)
 
@@ -432,6 +439,7 @@ class ClusterView:
             return False
         if rec.slo_sensitive:
             self._slo_pods -= 1
+        self._count_mem(rec, -1)
         self._unit_pods.get(rec.uuid, {}).pop(pod_key, None)
         slot = self._uuid_slot.get(rec.uuid)
         if slot is not None:
@@ -558,6 +566,23 @@ class ClusterView:
     @property
     def multi_row_nodes(self) -> dict[int, list[int]]:
         return self._multi_row
+
+    def _count_mem(self, rec: PodRecord, delta: int) -> None:
+        m = int(rec.demand.mem_bytes)
+        n = self._mem_sizes.get(m, 0) + delta
+        if n > 0:
+            self._mem_sizes[m] = n
+            if delta > 0 and (self._min_mem is None or m < self._min_mem):
+                self._min_mem = m
+            return
+        self._mem_sizes.pop(m, None)
+        if m == self._min_mem:  # the smallest size left: rescan the distinct sizes (rare)
+            self._min_mem = min(self._mem_sizes) if self._mem_sizes else None
+
+    @property
+    def min_pod_mem_bytes(self) -> int | None:
+        """The smallest memory any placed pod declared (None when no pod is placed)."""
+        return self._min_mem
 
     def has_slo_pods(self) -> bool:
         """Whether any placed pod carries an SLO (else the neighbour check is skipped)."""

@@ -24,7 +24,11 @@ class PolicyConfig:
     max_pods_per_unit: hard cap of pods sharing one unit (device-plugin slots).
     slo_check: filter placements predicted to break an SLO (the pod's or its neighbours').
     decode_min_share / prefill_min_share: floors of the MPS SM share given to a pod (percent
-      written to copack.io/sm-share is derived from these and the pod's demand)."""
+      written to copack.io/sm-share is derived from these and the pod's demand).
+    fragmentation_weight: complementary only: a unit the pod would leave "closed" (leftover
+      memory below the smallest pod the cluster runs, or its last pod slot taken) can never use
+      its leftover SMs and bandwidth, so that residual counts (1 + weight) times in the
+      best-fit norm; 0 = plain vector best-fit."""
 
     policy: str = "complementary"
     overcommit: float = 0.0
@@ -34,6 +38,7 @@ class PolicyConfig:
     slo_check: bool = True
     decode_min_share: float = 0.3
     prefill_min_share: float = 0.1
+    fragmentation_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -49,6 +54,10 @@ class PolicyConfig:
         if self.max_pods_per_unit < 1:
             raise PolicyConfigError(
                 f"max_pods_per_unit: {self.max_pods_per_unit!r} must be at least 1"
+            )
+        if not 0.0 <= self.fragmentation_weight <= 10.0:
+            raise PolicyConfigError(
+                f"fragmentation_weight: {self.fragmentation_weight!r} must be within 0..10"
             )
         for name in ("decode_min_share", "prefill_min_share"):
             v = getattr(self, name)

@@ -617,6 +617,10 @@ def decide(
         np.subtract(1.0, x, out=tmp)
         np.multiply(tmp, tmp, out=tmp)
         score += tmp
+        w = config.fragmentation_weight
+        if w > 0.0:  # residual SMs/bandwidth of a unit nothing else can enter are stranded
+            closed = _closed_units(view, table, msum, mem_cap, npods, config, buf, tmp)
+            np.multiply(score, 1.0 + w, out=score, where=closed)
         np.divide(msum, mem_cap, out=tmp)
         np.subtract(1.0, tmp, out=tmp)
         np.multiply(tmp, tmp, out=tmp)
@@ -736,6 +740,31 @@ def decide(
         layout_version=view.layout_version,
         chosen_load=chosen_load,
     )
+
+
+def _closed_units(
+    view: ClusterView,
+    table: TypeTable,
+    msum: np.ndarray,
+    mem_cap: np.ndarray,
+    npods: np.ndarray,
+    config: PolicyConfig,
+    buf: Any,
+    tmp: np.ndarray,
+) -> np.ndarray:
+    """Units the pod would leave closed to every pod the cluster runs: the memory left is
+    below the smallest pod placed anywhere (or the pod itself), or its last slot is taken.
+    Their leftover SMs and bandwidth are lost for as long as the pod stays (fragmentation)."""
+    closed = np.greater_equal(npods, config.max_pods_per_unit - 1, out=buf("closed", bool))
+    sizes = table.mem[(~table.bad) & (table.mem > 0)]
+    small = float(sizes.min()) if len(sizes) else math.inf
+    known = view.min_pod_mem_bytes
+    if known is not None:
+        small = min(small, float(known))
+    if math.isfinite(small):
+        np.subtract(mem_cap, msum, out=tmp)
+        closed |= np.less(tmp, small, out=buf("closed_mem", bool))
+    return closed
 
 
 def _slo_violations(

@@ -59,6 +59,7 @@ config_spec = st.builds(
     policy=st.sampled_from(("complementary", "spread", "binpack", "dedicated")),
     overcommit=st.sampled_from((0.0, 0.0, 0.1, 0.5)),
     max_pods_per_unit=st.integers(1, 4),
+    fragmentation_weight=st.sampled_from((0.0, 1.0, 1.0, 3.0)),
 )
 
 
@@ -99,6 +100,17 @@ def request(pod: tuple[str, float, float, int]) -> PodRequest:
 def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tuple[float, str]]:
     """node -> (continuous score, best unit), one unit at a time in plain Python."""
     out: dict[str, tuple[float, str]] = {}
+    # fragmentation: the smallest pod the cluster runs, the incoming one included
+    sizes = [p.demand.mem_bytes for p in v.iter_pods()]
+    for name in v.node_names:
+        for uuid in v.units_of(name):
+            ut = v.unit_type(uuid)
+            assert ut is not None
+            d = DM.demand(r, ut)
+            bound = 1 + cfg.overcommit + 1e-9
+            if d.mem_bytes > 0 and (cfg.policy == "binpack" or max(d.sm, d.bw) <= bound):
+                sizes.append(d.mem_bytes)
+    small = min(sizes) if sizes else math.inf
     for name in v.node_names:
         uuids = v.units_of(name)
         free = total = 0
@@ -127,7 +139,11 @@ def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tup
                 continue
             if cfg.policy == "complementary":
                 r1, r2, r3 = 1 - (lsm + d.sm), 1 - (lbw + d.bw), 1 - (lmem + d.mem_bytes) / cap
-                s = 1 - math.sqrt(r1 * r1 + r2 * r2 + r3 * r3) / math.sqrt(3)
+                stranded = r1 * r1 + r2 * r2
+                closed = ld["pods"] + 1 >= cfg.max_pods_per_unit or cap - lmem - d.mem_bytes < small
+                if closed:
+                    stranded *= 1 + cfg.fragmentation_weight
+                s = 1 - math.sqrt(stranded + r3 * r3) / math.sqrt(3)
             elif cfg.policy == "binpack":
                 s = (lmem + d.mem_bytes) / cap
             else:
