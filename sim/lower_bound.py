@@ -42,3 +42,41 @@ def fluid_lower_bound(cluster: Cluster, inputs: np.ndarray) -> np.ndarray:
     n_b = _gpus_needed(inputs[:, 1], bw)
     n_m = _gpus_needed(inputs[:, 2], mem)
     return np.maximum(np.maximum(n_c, n_b), n_m)
+
+
+def memory_bin_bound(sizes: np.ndarray, capacity: float) -> int:
+    """GPUs needed to hold pods of these memory sizes whole, every GPU relaxed to `capacity`
+    (the cluster's largest): Martello & Toth's L2 bound for bin packing. For each threshold K
+    (0 and every size <= C/2): pods above C - K each need a GPU no other pod of size >= K can
+    join, pods in (C/2, C - K] each need their own GPU, and pods in [K, C/2] fill what those
+    leave and then whole GPUs. A pod cannot be split across GPUs, which the fluid bound allows.
+    """
+    s = np.sort(np.asarray(sizes, dtype=float))
+    s = s[s > 0]
+    if len(s) == 0:
+        return 0
+    c = float(capacity)
+    best = 0
+    for k in np.unique(np.r_[0.0, s[s <= c / 2]]):
+        n1 = int((s > c - k).sum())
+        mid = s[(s > c / 2) & (s <= c - k)]
+        small = s[(s >= k) & (s <= c / 2)]
+        free = len(mid) * c - float(mid.sum())
+        rest = max(0.0, float(small.sum()) - free)
+        best = max(best, n1 + len(mid) + int(np.ceil(rest / c - 1e-9)))
+    return best
+
+
+def packing_lower_bound(
+    cluster: Cluster, fluid: np.ndarray, pod_memory: list[tuple[int, ...]], index: np.ndarray
+) -> np.ndarray:
+    """GPUs needed per step when pods stay whole and GPUs are counted whole: the fluid bound
+    rounded up (a fraction of a GPU cannot be in use) and never under the memory bin bound of
+    the pods then holding memory. `pod_memory[index[k]]` is the multiset of step k (the set
+    changes only when a pod is bound or deleted, so each distinct one is evaluated once)."""
+    if len(fluid) == 0:
+        return np.zeros(0)
+    cap = max(float(u.type.spec.memory_bytes) for u in cluster.units)
+    per_set = np.array([memory_bin_bound(np.array(m), cap) for m in pod_memory], dtype=float)
+    whole = np.ceil(fluid - 1e-9)
+    return np.maximum(whole, per_set[index] if len(per_set) else 0.0)

@@ -88,6 +88,8 @@ class RunResult:
     wall_s: float
     gpu_count: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # whole pods on whole GPUs (lower_bound.packing_lower_bound): >= the fluid bound
+    packing_lb_gpu_seconds: float = 0.0
 
     @property
     def gpu_hours(self) -> float:
@@ -96,6 +98,10 @@ class RunResult:
     @property
     def lb_gpu_hours(self) -> float:
         return self.lb_gpu_seconds / 3600.0
+
+    @property
+    def packing_lb_gpu_hours(self) -> float:
+        return self.packing_lb_gpu_seconds / 3600.0
 
     def slo_met(self) -> np.ndarray:
         r = self.requests
@@ -259,6 +265,11 @@ def run_policy(
     gpu_seconds = 0.0
     peak = 0
     mem_total = 0.0
+    # the pods holding memory, for the packing bound: one entry per change of the set
+    live_mem: dict[str, int] = {}
+    mem_sets: list[tuple[int, ...]] = []
+    mem_set_index: list[int] = []
+    mem_changed = [True]
 
     def refresh_use() -> None:
         nonlocal gpu_in_use
@@ -297,6 +308,8 @@ def run_policy(
             unit_pods[rec.unit] -= 1
             unit_mem_used[rec.unit] -= rec.mem_bytes
             mem_total -= rec.mem_bytes
+            live_mem.pop(rec.name, None)
+            mem_changed[0] = True
         rec.state = "deleted"
         rec.deleted_t = t
         harness.delete_pod(NAMESPACE, rec.name)
@@ -349,6 +362,8 @@ def run_policy(
         unit_pods[unit.index] += 1
         unit_mem_used[unit.index] += rec.mem_bytes
         mem_total += rec.mem_bytes
+        live_mem[rec.name] = rec.mem_bytes
+        mem_changed[0] = True
         max_mem_frac = max(max_mem_frac, float(unit_mem_used[unit.index] / unit_mem[unit.index]))
         max_pods_unit = max(max_pods_unit, int(unit_pods[unit.index]))
         refresh_use()
@@ -392,6 +407,10 @@ def run_policy(
             gpu_bw_sum[gpu_in_use] += g_bw[gpu_in_use]
             gpu_steps[gpu_in_use] += 1
         lb_inputs.append((act.flops, act.bytes_per_s, mem_total))
+        if mem_changed[0]:
+            mem_sets.append(tuple(sorted(live_mem.values())))
+            mem_changed[0] = False
+        mem_set_index.append(len(mem_sets) - 1)
         if k % series_every == 0:
             gpus_series.append(n_used)
         if telemetry.due(t + dt):
@@ -411,9 +430,10 @@ def run_policy(
         k += 1
     if progress is not None:
         progress(1.0)
-    from sim.lower_bound import fluid_lower_bound
+    from sim.lower_bound import fluid_lower_bound, packing_lower_bound
 
     lb = fluid_lower_bound(cluster, np.asarray(lb_inputs))
+    plb = packing_lower_bound(cluster, lb, mem_sets, np.asarray(mem_set_index, dtype=np.intp))
     calls = dict(harness.client.calls)
     harness.close()
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -438,6 +458,7 @@ def run_policy(
         series_gpus=np.asarray(gpus_series),
         series_lb=lb[::series_every],
         lb_gpu_seconds=float(lb.sum() * dt),
+        packing_lb_gpu_seconds=float(plb.sum() * dt),
         pods=pods,
         max_pods_per_unit=max_pods_unit,
         max_unit_mem_frac=max_mem_frac,

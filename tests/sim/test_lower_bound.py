@@ -79,3 +79,47 @@ def test_cluster_units_and_inventory():
     one = build_cluster(ClusterSpec.model_validate(spec))
     two = build_cluster(ClusterSpec.model_validate(spec))
     assert one.gpu_uuids == two.gpu_uuids and one.nodes == two.nodes
+
+
+def test_memory_bin_bound_keeps_pods_whole() -> None:
+    from sim.lower_bound import memory_bin_bound
+
+    c = 100.0
+    assert memory_bin_bound(np.array([]), c) == 0
+    # two 60s cannot share a GPU though their sum fits two fluid GPUs' worth (1.2)
+    assert memory_bin_bound(np.array([60.0, 60.0]), c) == 2
+    # three 40s: the fluid bound says 1.2 GPUs, whole pods need 2
+    assert memory_bin_bound(np.array([40.0, 40.0, 40.0]), c) == 2
+    # 70 + 30 fit one GPU exactly
+    assert memory_bin_bound(np.array([70.0, 30.0]), c) == 1
+    # K = 35: the 70s and the 35s cannot pair, so 2 + ceil(70 / 100) = 3
+    assert memory_bin_bound(np.array([70.0, 70.0, 35.0, 35.0]), c) == 3
+
+
+def test_memory_bin_bound_never_exceeds_a_brute_force_packing() -> None:
+    """A valid lower bound: never above the optimum, found by brute force on small cases."""
+    import itertools
+
+    from sim.lower_bound import memory_bin_bound
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        sizes = rng.integers(5, 100, size=int(rng.integers(1, 7))).astype(float)
+        best = len(sizes)
+        for assign in itertools.product(range(len(sizes)), repeat=len(sizes)):
+            loads = np.bincount(assign, weights=sizes, minlength=len(sizes))
+            if (loads <= 100.0).all():
+                best = min(best, int((loads > 0).sum()))
+        lb = memory_bin_bound(sizes, 100.0)
+        assert np.ceil(sizes.sum() / 100.0) <= lb <= best
+
+
+def test_packing_bound_rounds_up_and_covers_memory() -> None:
+    from sim.lower_bound import packing_lower_bound
+
+    cl = _cluster()
+    cap = max(float(u.type.spec.memory_bytes) for u in cl.units)
+    fluid = np.array([0.0, 0.3, 1.2, 0.4])
+    sets = [(), (int(0.6 * cap), int(0.6 * cap))]
+    out = packing_lower_bound(cl, fluid, sets, np.array([0, 0, 0, 1]))
+    assert out.tolist() == [0.0, 1.0, 2.0, 2.0]

@@ -94,3 +94,8 @@ def test_loopback_http_gives_the_same_run(small, runs):
         (p.name, p.unit, p.sm_share) for p in first.pods
     ]
     assert np.array_equal(r.requests.ttft, first.requests.ttft, equal_nan=True)
+
+
+def test_packing_bound_between_fluid_bound_and_every_run(runs):
+    for r in runs.values():
+        assert r.lb_gpu_hours <= r.packing_lb_gpu_hours <= r.gpu_hours + 1e-9, r.policy
