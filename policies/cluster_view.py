@@ -43,12 +43,24 @@ _FLOAT_FIELDS = (
     "eff_mem",
     "tol_x",
     "tol_y",
+    "burst_sm",
 )
 _INT_FIELDS = ("type_id", "npods", "index")
 _BOOL_FIELDS = ("active", "healthy", "tel_tensor")
 _DEFAULTS = {"tel_t": -np.inf, "tol_x": np.inf, "tol_y": np.inf, "mem_cap": 1.0}
+# Roles provisioned for bursts: replicas of one workload in these roles must not share a unit
+BURSTY_ROLES = frozenset(("prefill", "mixed"))
 
 Slot = tuple[int, int]  # (column j, row)
+
+
+def burst_headroom(role: str, declared_sm: float, timing: Timing | None) -> float:
+    """SMs a bursty pod takes above its declared (typical) demand while it bursts: a
+    prefill/mixed pod whose `copack.io/demand` sm= is below what its `copack.io/load` needs
+    declares its typical load and is provisioned for the latter. 0 for other pods."""
+    if role not in BURSTY_ROLES or timing is None:
+        return 0.0
+    return max(0.0, float(timing.sm_at_load) - float(declared_sm))
 
 
 class UnknownUnitError(KeyError):
@@ -155,6 +167,9 @@ class ClusterView:
         # the fragmentation-aware score needs to know whether a unit's leftover can still
         # host any pod the cluster runs (kept incrementally: decide() must stay O(units))
         self._mem_sizes: dict[int, int] = {}
+        # workload group -> {unit uuid: bursty (prefill/mixed) replicas of it there}
+        self._bursty: dict[str, dict[str, int]] = {}
+        self._n_burst = 0  # pods with burst headroom above their declared SMs
         self._min_mem: int | None = None
         self._window = 10.0
         self.version = 0  # bumped on every change
@@ -331,6 +346,7 @@ class ClusterView:
             if rec.slo_sensitive:
                 self._slo_pods -= 1
             self._count_mem(rec, -1)
+            self._count_group(rec, -1)
         return [rec.key for rec in pods]
 
     def remove_node(self, name: str) -> list[str]:
@@ -426,6 +442,7 @@ class ClusterView:
         if rec.slo_sensitive:
             self._slo_pods += 1
         self._count_mem(rec, +1)
+        self._count_group(rec, +1)
         self._unit_pods.setdefault(rec.uuid, {})[rec.key] = rec
         self._recompute(slot)
 
@@ -440,6 +457,7 @@ class ClusterView:
         if rec.slo_sensitive:
             self._slo_pods -= 1
         self._count_mem(rec, -1)
+        self._count_group(rec, -1)
         self._unit_pods.get(rec.uuid, {}).pop(pod_key, None)
         slot = self._uuid_slot.get(rec.uuid)
         if slot is not None:
@@ -454,8 +472,10 @@ class ClusterView:
         cutoff = self.tel_t[slot] - self._window
         dsm = dbw = dmem = rsm = rbw = rmem = 0.0
         tx = ty = math.inf
+        burst = 0.0
         for rec in pods.values():
             d = rec.demand
+            burst = max(burst, burst_headroom(rec.role, d.sm, rec.timing))
             dsm += d.sm
             dbw += d.bw
             dmem += d.mem_bytes
@@ -471,6 +491,7 @@ class ClusterView:
         self.eff_bw[slot] = max(self.tel_bw[slot] + rbw, dbw)
         self.eff_mem[slot] = max(self.tel_mem[slot] + rmem, dmem)
         self.tol_x[slot], self.tol_y[slot] = tx, ty
+        self.burst_sm[slot] = burst
         self.npods[slot] = len(pods)
 
     def set_assumed_window(self, seconds: float) -> None:
@@ -578,6 +599,32 @@ class ClusterView:
         self._mem_sizes.pop(m, None)
         if m == self._min_mem:  # the smallest size left: rescan the distinct sizes (rare)
             self._min_mem = min(self._mem_sizes) if self._mem_sizes else None
+
+    def _count_group(self, rec: PodRecord, delta: int) -> None:
+        if burst_headroom(rec.role, rec.demand.sm, rec.timing) > 0:
+            self._n_burst += delta
+        group = rec.request.group if rec.request is not None else ""
+        if not group or rec.role not in BURSTY_ROLES:
+            return
+        units = self._bursty.setdefault(group, {})
+        n = units.get(rec.uuid, 0) + delta
+        if n > 0:
+            units[rec.uuid] = n
+            return
+        units.pop(rec.uuid, None)
+        if not units:
+            del self._bursty[group]
+
+    def has_burst_pods(self) -> bool:
+        """Whether any placed pod declares a typical demand below its provisioned load."""
+        return self._n_burst > 0
+
+    def bursty_slots(self, group: str) -> list[Slot]:
+        """Slots of the units holding a prefill/mixed replica of `group` (usually a few)."""
+        units = self._bursty.get(group) if group else None
+        if not units:
+            return []
+        return [s for u in units if (s := self._uuid_slot.get(u)) is not None]
 
     @property
     def min_pod_mem_bytes(self) -> int | None:

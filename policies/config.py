@@ -28,7 +28,10 @@ class PolicyConfig:
     fragmentation_weight: complementary only: a unit the pod would leave "closed" (leftover
       memory below the smallest pod the cluster runs, or its last pod slot taken) can never use
       its leftover SMs and bandwidth, so that residual counts (1 + weight) times in the
-      best-fit norm; 0 = plain vector best-fit."""
+      best-fit norm; 0 = plain vector best-fit.
+    separate_bursty_replicas: complementary only: a prefill/mixed pod never shares a unit with
+      a prefill/mixed replica of the same workload (PodRequest.group): they get the same
+      traffic, so their bursts coincide and declared (typical) demands would not add up."""
 
     policy: str = "complementary"
     overcommit: float = 0.0
@@ -39,6 +42,7 @@ class PolicyConfig:
     decode_min_share: float = 0.3
     prefill_min_share: float = 0.1
     fragmentation_weight: float = 1.0
+    separate_bursty_replicas: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

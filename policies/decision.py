@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from operator import itemgetter
 from typing import Any, Protocol
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from policies import feasibility as fz
-from policies.cluster_view import ClusterView
+from policies.cluster_view import BURSTY_ROLES, ClusterView, burst_headroom
 from policies.config import PolicyConfig
 from policies.contention import slowdown_factor
 from policies.model import Demand, PodRequest, Timing, UnitType
@@ -77,6 +77,8 @@ class TypeTable:
     mf_d: np.ndarray
     demands: list[Demand | None]
     timings: list[Timing | None]
+    # SMs above its declared demand the pod takes while it bursts (cluster_view.burst_headroom)
+    burst: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
 
 def type_table(
@@ -90,7 +92,7 @@ def type_table(
 
     tab = TypeTable(
         z(), z(), z(), np.zeros(k, dtype=bool), [""] * k, z(), z(), z(), z(), z(), z(),
-        [None] * k, [None] * k,
+        [None] * k, [None] * k, z(),
     )  # fmt: skip
     bound = 1.0 + config.overcommit + _EPS
     for i, t in enumerate(types):
@@ -108,6 +110,7 @@ def type_table(
             tab.why[i] = f"needs {max(d.sm, d.bw):.2f}x the unit's {what}"
         if tm is None:
             continue
+        tab.burst[i] = burst_headroom(request.role, d.sm, tm)
         tab.ttft[i], tab.tpot[i] = tm.ttft_s, tm.tpot_s
         tab.a_p[i], tab.a_d[i] = tm.a_prefill, tm.a_decode
         tab.mf_p[i], tab.mf_d[i] = tm.mem_frac_prefill, tm.mem_frac_decode
@@ -210,7 +213,7 @@ class Decision:
 
         code = fz.reason_codes(
             m["healthy"], m["type_bad"], neg(m["empty"]), neg(m["has_room"]), neg(m["fits_mem"]),
-            neg(m["fits_sm"]), neg(m["fits_bw"]), m["slo_bad"],
+            neg(m["fits_sm"]), neg(m["fits_bw"]), m["slo_bad"], m["correlated"],
         )  # fmt: skip
         code[~m["active"]] = fz.OK
         return code
@@ -595,10 +598,20 @@ def decide(
         empty = np.equal(npods, 0)
         ok &= empty
     fits_sm = fits_bw = slo_bad = None
+    correlated = _correlated_units(view, request, config, tid.shape, cols)
+    if correlated is not None:
+        ok &= ~correlated
     if config.policy != "binpack":
         bound = 1.0 + config.overcommit + _EPS
         fits_sm = np.less_equal(y, bound)
         fits_bw = np.less_equal(x, bound)
+        if policy_is_burst_aware(config) and (table.burst.any() or view.has_burst_pods()):
+            # at most one of the unit's burst-provisioned pods bursts at a time (bursts of
+            # different workloads are rare and independent): while it does, the others run at
+            # their typical load, and the largest burst must still fit
+            ub = view.burst_sm[:, :r] if cols is None else view.burst_sm[:, cols]
+            need = np.maximum(ub, np.take(table.burst, tid, mode="clip"))
+            fits_sm &= np.less_equal(need + y, bound)
         ok &= fits_sm
         ok &= fits_bw
         if config.slo_check:
@@ -727,6 +740,7 @@ def decide(
             "fits_sm": fits_sm,
             "fits_bw": fits_bw,
             "slo_bad": slo_bad,
+            "correlated": correlated,
         },
         stale=stale,
         node_best=node_best,
@@ -740,6 +754,41 @@ def decide(
         layout_version=view.layout_version,
         chosen_load=chosen_load,
     )
+
+
+def policy_is_burst_aware(config: PolicyConfig) -> bool:
+    """Only copack's own policy reads typical-vs-provisioned demand; the baselines keep the
+    semantics of the schedulers they stand for."""
+    return config.policy == "complementary"
+
+
+def _correlated_units(
+    view: ClusterView,
+    request: PodRequest,
+    config: PolicyConfig,
+    shape: tuple[int, ...],
+    cols: np.ndarray | None,
+) -> np.ndarray | None:
+    """Units holding a bursty replica of the pod's own workload (None: no such unit)."""
+    if (
+        config.policy != "complementary"
+        or not config.separate_bursty_replicas
+        or request.role not in BURSTY_ROLES
+    ):
+        return None
+    slots = view.bursty_slots(request.group)
+    if not slots:
+        return None
+    out = np.zeros(shape, dtype=bool)
+    for j, row in slots:
+        if cols is None:
+            if row < shape[1]:
+                out[j, row] = True
+            continue
+        at = int(np.searchsorted(cols, row))
+        if at < len(cols) and cols[at] == row:
+            out[j, at] = True
+    return out
 
 
 def _closed_units(

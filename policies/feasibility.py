@@ -16,6 +16,7 @@ MEMORY = 5
 SM = 6
 BW = 7
 SLO_NEIGHBOURS = 8  # co-location would break the SLO of the pod or of pods already there
+CORRELATED = 9  # a bursty replica of the same workload is there: their bursts coincide
 
 REASONS: dict[int, str] = {
     UNHEALTHY: "unhealthy",
@@ -26,8 +27,9 @@ REASONS: dict[int, str] = {
     SM: "over SM capacity",
     BW: "over bandwidth capacity",
     SLO_NEIGHBOURS: "would break an SLO",
+    CORRELATED: "holds a replica of the same workload (bursts coincide)",
 }
-N_REASONS = 9
+N_REASONS = 10
 
 
 def reason_codes(
@@ -39,10 +41,12 @@ def reason_codes(
     sm_over: np.ndarray | None,
     bw_over: np.ndarray | None,
     slo_bad: np.ndarray | None,
+    correlated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-unit reason code (0 = feasible), highest-precedence reason wins."""
     code = np.zeros(healthy.shape, dtype=np.int8)
     for mask, value in (
+        (correlated, CORRELATED),
         (slo_bad, SLO_NEIGHBOURS),
         (bw_over, BW),
         (sm_over, SM),

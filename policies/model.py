@@ -69,6 +69,9 @@ class PodRequest:
     slo: Slo = field(default_factory=Slo)
     gpus: int = 1
     role_source: str = "default"  # "annotation", "inferred" or "default": for explanations
+    # The workload the pod is a replica of ("" = unknown): its controller owner, else its app
+    # labels. Replicas of one workload see the same traffic, so their bursts coincide.
+    group: str = ""
 
     @property
     def key(self) -> str:
@@ -104,3 +107,6 @@ class Timing:
     a_decode: float
     mem_frac_prefill: float
     mem_frac_decode: float
+    # SMs (fraction of the unit) the roofline gives the pod's declared copack.io/load, before
+    # any copack.io/demand override: what a burst-provisioned pod takes during its bursts
+    sm_at_load: float = 0.0

@@ -7,6 +7,7 @@ Every policy gets the very same pods with the very same declarations; only place
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,6 +57,8 @@ class Deployments:
         longest = np.zeros(len(self.services))
         np.maximum.at(longest, workload.service, workload.prompt + workload.output)
         self.max_len = np.ceil(np.maximum(longest, 1) / MODEL_LEN_ROUND) * MODEL_LEN_ROUND
+        # per service: prefill work (reference GPU-s per s) of its multiplex_quantile window
+        self.mux_load = [0.0] * len(self.services)
 
     # --- memory ---
     def kv_cap(self, i: int) -> float:
@@ -104,9 +107,12 @@ class Deployments:
         tokens = self.perf.decode_tokens_per_s(i, ctx, goal, max(kv_batch, 1))
         return tokens * DECODE_SPEED_MARGIN
 
-    def bursts(self, wl: Workload, ref_work: np.ndarray) -> list[float]:
-        """Per service, over the whole run: the BURST_QUANTILE of prefill work per window of
-        one TTFT target (reference GPU-seconds per second), the operator's burst estimate."""
+    def bursts(
+        self, wl: Workload, ref_work: np.ndarray, quantile: float = BURST_QUANTILE
+    ) -> list[float]:
+        """Per service, over the whole run: the `quantile` of prefill work per window of
+        one TTFT target (reference GPU-seconds per second); BURST_QUANTILE is the operator's
+        burst estimate."""
         out = []
         for i in range(len(self.services)):
             mine = wl.service == i
@@ -116,7 +122,7 @@ class Deployments:
             w = float(wl.ttft_slo[i])
             win = (wl.arrival[mine] // w).astype(np.int64)
             work = np.bincount(win, weights=ref_work[mine], minlength=int(win.max()) + 1)
-            out.append(float(np.percentile(work, BURST_QUANTILE)) / w)
+            out.append(float(np.percentile(work, quantile)) / w)
         return out
 
     # --- declarations ---
@@ -131,6 +137,28 @@ class Deployments:
             per_req = float(self.perf.reference_prefill_work(np.array([i]), np.array([prompt]))[0])
             rps = max(rps, target.prefill_peak / max(n, 1) / a.peak_utilization / per_req)
         return rps
+
+    def multiplexed_sm(self, pod: dict, i: int, target: Target, n: int) -> float:
+        """SMs (fraction of the reference GPU) a prefill pod needs in all but its service's
+        busiest (100 - multiplex_quantile) % of TTFT windows: its share of the mean at the
+        target utilization or of that quantile's load, whichever is more, through the roofline.
+        Provisioned for the 99.9th burst, the pod idles most of the time; declaring the burst
+        would keep it alone. Bursts of different services are independent, so pods whose
+        quantile loads sum under one GPU overflow it only when one is in its top few percent
+        of windows, and then only by the excess (the TTFT target has room for it)."""
+        a = self.scenario.autoscaler
+        req = pod_request_from_k8s(pod)
+        if req.load is None:
+            return 1.0
+        prompt = max(round(target.prompt_mean or 1024), 1)
+        per_req = float(self.perf.reference_prefill_work(np.array([i]), np.array([prompt]))[0])
+        rps = max(
+            target.rps / max(n, 1) / a.target_utilization,
+            self.mux_load[i] / max(n, 1) / max(per_req, 1e-12),
+        )
+        load = dataclasses.replace(req.load, rps=min(rps, req.load.rps))
+        d = self.dm.demand(dataclasses.replace(req, load=load), core_unit_type(self.ref))
+        return float(min(1.0, max(d.sm, 0.01)))
 
     def elastic_bw(self, pod: dict, i: int) -> float:
         """The smallest bandwidth share at which a decode pod still meets ELASTIC_TPOT_FRACTION
@@ -159,9 +187,15 @@ class Deployments:
                 return float(beta)
         return 1.0
 
-    def demand_annotation(self, pod: dict, i: int, role: int) -> str:
-        """`copack.io/demand`: the configured memory, and for decode the elastic bandwidth."""
+    def demand_annotation(
+        self, pod: dict, i: int, role: int, target: Target | None = None, n: int = 1
+    ) -> str:
+        """`copack.io/demand`: the configured memory, for decode the elastic bandwidth, for
+        prefill the multiplexed SMs."""
+        a = self.scenario.autoscaler
         demand = f"mem={self.pod_memory(pod, i, role) // 2**20}Mi"
-        if role == DECODE and self.scenario.autoscaler.decode_demand == "elastic":
+        if role == DECODE and a.decode_demand == "elastic":
             demand = f"bw={self.elastic_bw(pod, i):.3f},{demand}"
+        if role == PREFILL and a.prefill_demand == "multiplexed" and target is not None:
+            demand = f"sm={self.multiplexed_sm(pod, i, target, n):.3f},{demand}"
         return demand

@@ -230,6 +230,9 @@ def run_policy(
     # The operator knows each service's burstiness from its traffic history (the 99.9th
     # percentile of prefill work per TTFT-long window): the planner never sizes prefill for
     # less.
+    deploy.mux_load = deploy.bursts(
+        workload, ref_work, scenario.autoscaler.multiplex_quantile
+    )
     planner = Planner(
         scenario.autoscaler, services, deploy.decode_capacity, deploy.bursts(workload, ref_work)
     )
@@ -295,7 +298,9 @@ def run_policy(
             memory_gib=scenario.scheduler.pod_memory_gib,
             created=EPOCH + t,
         )
-        obj["metadata"]["annotations"][DEMAND_ANNOTATION] = deploy.demand_annotation(obj, i, role)
+        obj["metadata"]["annotations"][DEMAND_ANNOTATION] = deploy.demand_annotation(
+            obj, i, role, target, n_target
+        )
         rec = PodRecord(name, i, role, obj, t, t)
         pods.append(rec)
         live[i][role].append(rec)

@@ -94,6 +94,12 @@ class AutoscalerSpec(_Strict):
     # Decode pods' declared bandwidth: `elastic` = the smallest share meeting half the TPOT
     # target (declared in copack.io/demand), `roofline` = the core's free-running estimate.
     decode_demand: Literal["elastic", "roofline"] = "elastic"
+    # Prefill pods' declared SMs: `multiplexed` = their share of the service's
+    # `multiplex_quantile` window load (declared `sm=` in copack.io/demand; bursts above it are
+    # rare and, between services, independent, so two such pods may share a GPU), `burst` =
+    # the roofline's estimate at the load the pod is provisioned for (the 99.9th burst).
+    prefill_demand: Literal["multiplexed", "burst"] = "multiplexed"
+    multiplex_quantile: float = Field(default=99.0, ge=50.0, le=100.0)
     # The GPU the planner's capacity profile is taken on (Dynamo profiles one GPU type).
     reference_gpu: str = "H100-SXM"
 

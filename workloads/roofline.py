@@ -450,5 +450,5 @@ class DemandModel:
             ttft, a_p, mf_p = tpot, a_d, mf_d
         if not do_decode:
             tpot, a_d, mf_d = ttft, a_p, mf_p
-        timing = Timing(ttft, tpot, a_p, a_d, mf_p, mf_d)
+        timing = Timing(ttft, tpot, a_p, a_d, mf_p, mf_d, sm_at_load=sm)
         return _Profile(Demand(sm, bw, int(mem)), timing, "roofline", batch, notes)
