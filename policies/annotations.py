@@ -248,23 +248,13 @@ def pod_request_from_k8s(pod: Mapping[str, Any]) -> PodRequest:
     )
 
 
-# Labels naming the application a pod belongs to, most specific first (Kubernetes recommended
-# labels, then the common `app`).
-_GROUP_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/name", "app")
-
-
 def workload_group(meta: Mapping[str, Any], namespace: str) -> str:
     """`namespace/Kind/name` of the pod's controller owner (its ReplicaSet, StatefulSet,
-    LeaderWorkerSet...), else `namespace/label=value` of its app label, else ""."""
+    LeaderWorkerSet...), else "". Only the controller says exactly which pods are replicas of
+    one workload: app labels are often shared by unrelated deployments (`app: vllm`)."""
     refs = meta.get("ownerReferences")
     if isinstance(refs, list):
         for ref in refs:
             if isinstance(ref, Mapping) and ref.get("controller") and ref.get("name"):
                 return f"{namespace}/{ref.get('kind', '')}/{ref['name']}"
-    labels = meta.get("labels")
-    if isinstance(labels, Mapping):
-        for key in _GROUP_LABELS:
-            value = labels.get(key)
-            if isinstance(value, str) and value:
-                return f"{namespace}/{key}={value}"
     return ""

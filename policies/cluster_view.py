@@ -48,7 +48,7 @@ _FLOAT_FIELDS = (
 _INT_FIELDS = ("type_id", "npods", "index")
 _BOOL_FIELDS = ("active", "healthy", "tel_tensor")
 _DEFAULTS = {"tel_t": -np.inf, "tol_x": np.inf, "tol_y": np.inf, "mem_cap": 1.0}
-# Roles provisioned for bursts: replicas of one workload in these roles must not share a unit
+# Roles that may be provisioned for bursts (declaring a typical demand below their load)
 BURSTY_ROLES = frozenset(("prefill", "mixed"))
 
 Slot = tuple[int, int]  # (column j, row)
@@ -601,10 +601,11 @@ class ClusterView:
             self._min_mem = min(self._mem_sizes) if self._mem_sizes else None
 
     def _count_group(self, rec: PodRecord, delta: int) -> None:
-        if burst_headroom(rec.role, rec.demand.sm, rec.timing) > 0:
-            self._n_burst += delta
+        if burst_headroom(rec.role, rec.demand.sm, rec.timing) <= 0:
+            return
+        self._n_burst += delta
         group = rec.request.group if rec.request is not None else ""
-        if not group or rec.role not in BURSTY_ROLES:
+        if not group:
             return
         units = self._bursty.setdefault(group, {})
         n = units.get(rec.uuid, 0) + delta
@@ -620,7 +621,7 @@ class ClusterView:
         return self._n_burst > 0
 
     def bursty_slots(self, group: str) -> list[Slot]:
-        """Slots of the units holding a prefill/mixed replica of `group` (usually a few)."""
+        """Slots of the units holding a burst-provisioned replica of `group` (a few)."""
         units = self._bursty.get(group) if group else None
         if not units:
             return []

@@ -29,9 +29,9 @@ class PolicyConfig:
       memory below the smallest pod the cluster runs, or its last pod slot taken) can never use
       its leftover SMs and bandwidth, so that residual counts (1 + weight) times in the
       best-fit norm; 0 = plain vector best-fit.
-    separate_bursty_replicas: complementary only: a prefill/mixed pod never shares a unit with
-      a prefill/mixed replica of the same workload (PodRequest.group): they get the same
-      traffic, so their bursts coincide and declared (typical) demands would not add up."""
+    separate_bursty_replicas: complementary only: a burst-provisioned pod (declared sm below
+      what its load needs) never shares a unit with a burst-provisioned replica of the same
+      workload (same controller owner): they get the same traffic, so their bursts coincide."""
 
     policy: str = "complementary"
     overcommit: float = 0.0

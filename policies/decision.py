@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from policies import feasibility as fz
-from policies.cluster_view import BURSTY_ROLES, ClusterView, burst_headroom
+from policies.cluster_view import ClusterView, burst_headroom
 from policies.config import PolicyConfig
 from policies.contention import slowdown_factor
 from policies.model import Demand, PodRequest, Timing, UnitType
@@ -598,7 +598,7 @@ def decide(
         empty = np.equal(npods, 0)
         ok &= empty
     fits_sm = fits_bw = slo_bad = None
-    correlated = _correlated_units(view, request, config, tid.shape, cols)
+    correlated = _correlated_units(view, request, table, config, tid.shape, cols)
     if correlated is not None:
         ok &= ~correlated
     if config.policy != "binpack":
@@ -765,15 +765,18 @@ def policy_is_burst_aware(config: PolicyConfig) -> bool:
 def _correlated_units(
     view: ClusterView,
     request: PodRequest,
+    table: TypeTable,
     config: PolicyConfig,
     shape: tuple[int, ...],
     cols: np.ndarray | None,
 ) -> np.ndarray | None:
-    """Units holding a bursty replica of the pod's own workload (None: no such unit)."""
+    """Units holding a burst-provisioned replica of the pod's own workload when the pod is
+    burst-provisioned too (None: no such unit)."""
     if (
-        config.policy != "complementary"
+        not policy_is_burst_aware(config)
         or not config.separate_bursty_replicas
-        or request.role not in BURSTY_ROLES
+        or not request.group
+        or not table.burst.any()
     ):
         return None
     slots = view.bursty_slots(request.group)

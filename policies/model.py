@@ -69,8 +69,8 @@ class PodRequest:
     slo: Slo = field(default_factory=Slo)
     gpus: int = 1
     role_source: str = "default"  # "annotation", "inferred" or "default": for explanations
-    # The workload the pod is a replica of ("" = unknown): its controller owner, else its app
-    # labels. Replicas of one workload see the same traffic, so their bursts coincide.
+    # The workload the pod is a replica of ("" = unknown): its controller owner. Replicas of
+    # one workload see the same traffic, so their bursts coincide.
     group: str = ""
 
     @property

@@ -59,6 +59,17 @@ def make_pod(
             "resourceVersion": "1",
             "creationTimestamp": f"{created:.3f}",
             "labels": {"app": svc.name, "llm-d.ai/role": role},
+            # the service's prefill or decode ReplicaSet, as a Deployment's pods carry it
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": f"{svc.name}-{role}",
+                    "uid": pod_uid(seed, f"replicaset/{svc.name}-{role}"),
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
             "annotations": {
                 ROLE_ANNOTATION: role,
                 MODEL_ANNOTATION: svc.model,

@@ -1,0 +1,139 @@
+"""Packing rules beyond plain vector best-fit: fragmentation-aware residuals, multiplexed
+(typical vs provisioned) prefill demand with one burst at a time per unit, and replicas of one
+workload kept apart."""
+
+from __future__ import annotations
+
+from policies.annotations import pod_request_from_k8s, workload_group
+from policies.cluster_view import ClusterView
+from policies.config import PolicyConfig
+from policies.decision import decide
+from policies.model import DemandOverride, LoadSpec, PodRequest
+from tests.policies.conftest import whole_gpu
+from workloads.roofline import DemandModel
+
+GiB = 2**30
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+H200 = "NVIDIA H200"
+NOW = 1000.0
+
+
+def put(v: ClusterView, dm: DemandModel, r: PodRequest, uuid: str) -> None:
+    ut = v.unit_type(uuid)
+    assert ut is not None
+    v.place(r.key, uuid, dm.demand(r, ut), NOW - 60, r.role, request=r, timing=dm.timing(r, ut))
+
+
+def big(name: str, role: str = "prefill") -> PodRequest:
+    """A pod that fills most of an H100's memory (a 32B model's weights and KV)."""
+    return PodRequest("ns", name, role=role, demand=DemandOverride(0.3, 0.3, 70 * GiB))
+
+
+def test_big_pod_goes_where_its_leftover_can_still_be_used(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    v.set_node("h100", [whole_gpu("h100", 0)])
+    v.set_node("h200", [whole_gpu("h200", 0, product=H200)])
+    r = big("p")  # nothing placed: only the pod itself says what is "small"
+    # leftover on the H100 (~10 GiB) fits no pod the cluster runs (the smallest is 70 GiB):
+    # its SMs and bandwidth would be stranded; on the H200 another such pod still fits
+    d = decide(v, r, None, NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("h200", "GPU-h200-0"), d.explain()
+    # plain best-fit (weight 0) takes the tighter H100
+    d0 = decide(v, r, None, NOW, PolicyConfig(fragmentation_weight=0.0), demand_model)
+    assert d0.chosen == ("h100", "GPU-h100-0"), d0.explain()
+
+
+def test_smallest_pod_in_the_cluster_decides_what_is_stranded(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    v.set_node("h100", [whole_gpu("h100", 0)])
+    v.set_node("h200", [whole_gpu("h200", 0, product=H200)])
+    v.set_node("other", [whole_gpu("other", 0)])
+    tiny = PodRequest("ns", "tiny", role="decode", demand=DemandOverride(0.05, 0.05, 4 * GiB))
+    put(v, demand_model, tiny, "GPU-other-0")
+    assert v.min_pod_mem_bytes == 4 * GiB
+    # a 4 GiB pod fits in the H100's leftover: nothing is stranded, best-fit picks the H100
+    d = decide(v, big("p"), ["h100", "h200"], NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("h100", "GPU-h100-0"), d.explain()
+    v.unplace("ns/tiny")
+    assert v.min_pod_mem_bytes is None
+    d = decide(v, big("p"), ["h100", "h200"], NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("h200", "GPU-h200-0"), d.explain()
+
+
+def bursty(name: str, typical: float, rps: float, group: str = "") -> PodRequest:
+    """A prefill pod provisioned for `rps` (its bursts) that declares `typical` SMs."""
+    return PodRequest(
+        "ns", name, role="prefill", model=LLAMA, load=LoadSpec(rps, 2048, 64),
+        demand=DemandOverride(sm=typical), group=group,
+    )  # fmt: skip
+
+
+def test_typical_demands_share_a_unit_while_one_burst_fits(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    v.set_node("a", [whole_gpu("a", 0)])
+    ut = v.unit_type("GPU-a-0")
+    assert ut is not None
+    first = bursty("p0", 0.2, 10.0, group="ns/app=x")
+    put(v, demand_model, first, "GPU-a-0")
+    burst_sm = demand_model.timing(first, ut).sm_at_load  # type: ignore[union-attr]
+    assert 0.3 < burst_sm < 0.8  # its provisioned load needs more than it declares
+    assert abs(v.burst_sm[v.slot_of("GPU-a-0")] - (burst_sm - 0.2)) < 1e-9
+    cfg = PolicyConfig()
+    # another workload's pod: typical 0.2 + 0.2, plus the larger burst headroom, fits
+    ok = decide(v, bursty("q0", 0.2, 10.0, group="ns/app=y"), None, NOW, cfg, demand_model)
+    assert ok.chosen == ("a", "GPU-a-0"), ok.explain()
+    # a pod whose own burst does not fit beside the other's typical load is refused
+    heavy = bursty("q1", 0.2, 10.0 * 0.95 / burst_sm, group="ns/app=y")
+    no = decide(v, heavy, None, NOW, cfg, demand_model)
+    assert no.chosen is None and "over SM capacity" in no.failed_nodes["a"]
+    # the baselines do not read typical-vs-provisioned demand
+    assert decide(v, heavy, None, NOW, PolicyConfig(policy="binpack"), demand_model).chosen
+
+
+def test_replicas_of_one_workload_never_share_a_unit(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    v.set_node("a", [whole_gpu("a", 0), whole_gpu("a", 1)])
+    put(v, demand_model, bursty("p0", 0.1, 10.0, group="ns/app=x"), "GPU-a-0")
+    d = decide(v, bursty("p1", 0.1, 10.0, group="ns/app=x"), None, NOW, PolicyConfig(),
+               demand_model)  # fmt: skip
+    assert d.placement() is not None and d.placement().unit == "GPU-a-1", d.explain()  # type: ignore[union-attr]
+    v.set_unit_health("GPU-a-1", False)
+    d = decide(v, bursty("p1", 0.1, 10.0, group="ns/app=x"), None, NOW, PolicyConfig(),
+               demand_model)  # fmt: skip
+    assert d.chosen is None
+    assert "replica of the same workload" in d.failed_nodes["a"], d.failed_nodes
+    # another workload, or the rule switched off, may share it
+    other = decide(v, bursty("q", 0.1, 10.0, group="ns/app=y"), None, NOW, PolicyConfig(),
+                   demand_model)  # fmt: skip
+    assert other.chosen == ("a", "GPU-a-0")
+    off = PolicyConfig(separate_bursty_replicas=False)
+    assert decide(v, bursty("p1", 0.1, 10.0, group="ns/app=x"), None, NOW, off,
+                  demand_model).chosen == ("a", "GPU-a-0")  # fmt: skip
+    # pods not provisioned above their declared demand are not separated
+    steady = bursty("p2", 0.5, 10.0, group="ns/app=x")
+    assert decide(v, steady, None, NOW, PolicyConfig(), demand_model).chosen == ("a", "GPU-a-0")
+    # decode replicas of one workload are smooth: no rule
+    dec = PodRequest("ns", "d", role="decode", model=LLAMA, load=LoadSpec(0.5, 2048, 64),
+                     group="ns/app=x")  # fmt: skip
+    assert decide(v, dec, None, NOW, PolicyConfig(), demand_model).chosen == ("a", "GPU-a-0")
+    # forgetting the replica lifts the rule
+    v.unplace("ns/p0")
+    assert decide(v, bursty("p1", 0.1, 10.0, group="ns/app=x"), None, NOW, PolicyConfig(),
+                  demand_model).chosen == ("a", "GPU-a-0")  # fmt: skip
+
+
+def test_workload_group_is_the_controller_owner() -> None:
+    meta = {
+        "ownerReferences": [
+            {"kind": "Node", "name": "x"},
+            {"kind": "ReplicaSet", "name": "svc-prefill-5d4", "controller": True},
+        ],
+        "labels": {"app": "svc"},
+    }
+    assert workload_group(meta, "ns") == "ns/ReplicaSet/svc-prefill-5d4"
+    # app labels are shared by unrelated deployments (`app: vllm`): not an identity
+    assert workload_group({"labels": {"app": "svc"}}, "ns") == ""
+    assert workload_group({"ownerReferences": "junk"}, "ns") == ""
+    owner = [{"kind": "ReplicaSet", "name": "chat-prefill", "controller": True}]
+    pod = {"metadata": {"name": "p", "namespace": "inf", "ownerReferences": owner}}
+    assert pod_request_from_k8s(pod).group == "inf/ReplicaSet/chat-prefill"
