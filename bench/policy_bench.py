@@ -116,6 +116,10 @@ def python_loop(
     best: dict[str, float] = {}
     bound = 1.0 + cfg.overcommit
     demand_cache: dict[int, object] = {}
+    # fragmentation: the smallest pod memory in the cluster (the view keeps it; so does this)
+    small = min([view.min_pod_mem_bytes or math.inf] + [
+        float(dm.demand(req, t).mem_bytes) for t in view.types
+    ])  # fmt: skip
     for name in names:
         top = -math.inf
         for uuid in view.units_of(name):
@@ -140,7 +144,11 @@ def python_loop(
                 1 - lbw - d.bw,
                 1 - (lmem + d.mem_bytes) / view.mem_cap[slot],
             )
-            s = 1 - math.sqrt(r1 * r1 + r2 * r2 + r3 * r3) / math.sqrt(3)
+            stranded = r1 * r1 + r2 * r2
+            left = view.mem_cap[slot] - lmem - d.mem_bytes
+            if view.npods[slot] + 1 >= cfg.max_pods_per_unit or left < small:
+                stranded *= 1 + cfg.fragmentation_weight
+            s = 1 - math.sqrt(stranded + r3 * r3) / math.sqrt(3)
             top = max(top, s)
         if top > -math.inf:
             best[name] = top
