@@ -82,3 +82,30 @@ def test_decode_capacity_grows_with_the_tpot_target():
     scn2 = parse_scenario(loose_raw, "loose")
     d2 = Deployments(scn2, d.models, d.ref, d.perf, build_workload(scn2), DemandModel())
     assert d2.decode_capacity(0, 1200.0) >= tight
+
+
+def test_multiplexed_prefill_declares_its_typical_sms_below_its_provisioned_load():
+    scn, wl, _, d = _deploy()
+    ref_work = d.perf.reference_prefill_work(wl.service, wl.prompt)
+    d.mux_load = d.bursts(wl, ref_work, scn.autoscaler.multiplex_quantile)
+    burst = d.bursts(wl, ref_work)
+    assert 0 < d.mux_load[0] <= burst[0]
+    # one pod provisioned for the whole burst: rps = burst work / work per request
+    per_req = float(d.perf.reference_prefill_work(np.array([0]), np.array([1100]))[0])
+    target = Target(prefill=1, decode=1, rps=0.5, prompt_mean=1100, output_mean=210,
+                    prefill_peak=burst[0])
+    pod = _pod(scn, "prefill", rps=burst[0] / per_req)
+    typical = d.multiplexed_sm(pod, 0, target, 1)
+    h100 = UnitType("NVIDIA H100 80GB HBM3")
+    provisioned = DemandModel().demand(pod_request_from_k8s(pod), h100)
+    assert 0.01 <= typical <= provisioned.sm + 1e-9
+    ann = d.demand_annotation(pod, 0, PREFILL, target, 1)
+    assert ann.startswith(f"sm={typical:.3f},mem=")
+    # the pod says which workload it is a replica of
+    assert pod_request_from_k8s(pod).group == f"inference/ReplicaSet/{scn.services[0].name}-prefill"
+    # `burst` declares no sm=: the roofline at the provisioned load stands
+    burst_scn = scn.model_copy(
+        update={"autoscaler": scn.autoscaler.model_copy(update={"prefill_demand": "burst"})}
+    )
+    d.scenario = burst_scn
+    assert d.demand_annotation(pod, 0, PREFILL, target, 1).startswith("mem=")
