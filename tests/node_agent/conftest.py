@@ -18,6 +18,21 @@ from tests.fakes.kube_fixtures import fake_kube  # noqa: F401  (re-exported fixt
 FAST = {"interval_s": 0.1, "rescan_interval_s": 0.3, "nvml_retry_s": 0.1}
 
 
+def snapshot_or_none(stub: Any) -> Any:
+    """GetSnapshot, or None while the agent answers UNAVAILABLE because it has not sampled yet
+    (its first tick can come late on a loaded machine)."""
+    import grpc
+
+    from node_agent import telemetry_pb2 as pb
+
+    try:
+        return stub.GetSnapshot(pb.SnapshotRequest(), timeout=5)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            return None
+        raise
+
+
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll `pred` until it returns something truthy; fail with `what` after `timeout` seconds.
 

@@ -15,12 +15,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from node_agent import telemetry_pb2 as pb
 from node_agent import telemetry_pb2_grpc as pb_grpc
 from node_agent.cli import register
 from policies.inventory import AGENT_ANNOTATION, INVENTORY_ANNOTATION, Inventory
 from tests.fakes import nvml as fake
-from tests.node_agent.conftest import wait_until
+from tests.node_agent.conftest import snapshot_or_none, wait_until
 
 COPACK = [sys.executable, "-m", "copack.cli"]
 
@@ -54,7 +53,7 @@ def test_agent_run_end_to_end(tmp_path, fake_kube):
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
             stub = pb_grpc.TelemetryServiceStub(ch)
             snap = wait_until(
-                lambda: (s := stub.GetSnapshot(pb.SnapshotRequest(), timeout=5))
+                lambda: (s := snapshot_or_none(stub))
                 and all(u.sm_active.present for u in s.units) and s,
                 what="readings over gRPC",
             )

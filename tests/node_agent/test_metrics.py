@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import nvml as fake
 from tests.fakes.podresources import FakePodResources, PodAssignment
-from tests.node_agent.conftest import wait_readings, wait_until
+from tests.node_agent.conftest import snapshot_or_none, wait_readings, wait_until
 
 UNIT_LABELS = {"node", "gpu", "uuid", "mig_profile", "gpu_instance_id", "source"}
 RATIOS = ("copack_gpu_sm_active_ratio", "copack_gpu_dram_bw_active_ratio",
@@ -135,12 +135,11 @@ def test_pod_attribution_from_the_kubelet_pod_resources_api(nvml, make_agent, tm
         healthy = scrape(agent)["copack_gpu_healthy"]
         assert len(healthy) == len({s.labels["uuid"] for s in healthy}) == 3
         # Pods also ride on the gRPC stream.
-        from node_agent import telemetry_pb2 as pb
         from node_agent import telemetry_pb2_grpc as pb_grpc
 
         with grpc.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as ch:
             snap = wait_until(
-                lambda: (s := pb_grpc.TelemetryServiceStub(ch).GetSnapshot(pb.SnapshotRequest()))
+                lambda: (s := snapshot_or_none(pb_grpc.TelemetryServiceStub(ch)))
                 and any(u.pods for u in s.units) and s,
                 what="pods in the snapshot",
             )

@@ -11,7 +11,7 @@ from node_agent import telemetry_pb2 as pb
 from node_agent import telemetry_pb2_grpc as pb_grpc
 from node_agent.telemetry_service import Broadcaster
 from tests.fakes import nvml as fake
-from tests.node_agent.conftest import wait_until
+from tests.node_agent.conftest import snapshot_or_none, wait_until
 
 
 def _stub(agent):
@@ -37,8 +37,10 @@ def test_gpm_values_on_the_wire_equal_the_scenario_per_gpu_and_mig_instance(nvml
     ch, stub = _stub(agent)
     with ch:
         def ready():
-            s = stub.GetSnapshot(pb.SnapshotRequest(), timeout=5)
-            return s if s.sequence >= 3 and all(u.sm_active.present for u in s.units) else None
+            s = snapshot_or_none(stub)
+            if s is None or s.sequence < 3:
+                return None
+            return s if all(u.sm_active.present for u in s.units) else None
 
         snap = wait_until(ready, what="three ticks with values")
     assert snap.node == "node-a" and snap.interval_s == pytest.approx(0.1)
