@@ -44,9 +44,10 @@ _FLOAT_FIELDS = (
     "tol_x",
     "tol_y",
     "burst_sm",
+    "burst_sum",
 )
 _INT_FIELDS = ("type_id", "npods", "index")
-_BOOL_FIELDS = ("active", "healthy", "tel_tensor")
+_BOOL_FIELDS = ("active", "healthy", "tel_tensor", "mps")
 _DEFAULTS = {"tel_t": -np.inf, "tol_x": np.inf, "tol_y": np.inf, "mem_cap": 1.0}
 # Roles that may be provisioned for bursts (declaring a typical demand below their load)
 BURSTY_ROLES = frozenset(("prefill", "mixed"))
@@ -321,6 +322,7 @@ class ClusterView:
             else:
                 self._unit_pods.setdefault(u.uuid, {})
             self.active[slot] = True
+            self.mps[slot] = node.mps
             self.type_id[slot] = self._type_id(UnitType(u.product, u.mig_profile))
             self.mem_cap[slot] = float(u.memory_bytes)
             self.healthy[slot] = bool(u.healthy)
@@ -472,10 +474,12 @@ class ClusterView:
         cutoff = self.tel_t[slot] - self._window
         dsm = dbw = dmem = rsm = rbw = rmem = 0.0
         tx = ty = math.inf
-        burst = 0.0
+        burst = burst_sum = 0.0
         for rec in pods.values():
             d = rec.demand
-            burst = max(burst, burst_headroom(rec.role, d.sm, rec.timing))
+            b = burst_headroom(rec.role, d.sm, rec.timing)
+            burst = max(burst, b)
+            burst_sum += b
             dsm += d.sm
             dbw += d.bw
             dmem += d.mem_bytes
@@ -491,7 +495,7 @@ class ClusterView:
         self.eff_bw[slot] = max(self.tel_bw[slot] + rbw, dbw)
         self.eff_mem[slot] = max(self.tel_mem[slot] + rmem, dmem)
         self.tol_x[slot], self.tol_y[slot] = tx, ty
-        self.burst_sm[slot] = burst
+        self.burst_sm[slot], self.burst_sum[slot] = burst, burst_sum
         self.npods[slot] = len(pods)
 
     def set_assumed_window(self, seconds: float) -> None:

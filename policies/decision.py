@@ -104,10 +104,14 @@ def type_table(
             continue
         tab.demands[i], tab.timings[i] = d, tm
         tab.sm[i], tab.bw[i], tab.mem[i] = d.sm, d.bw, float(d.mem_bytes)
-        if config.policy != "binpack" and (d.sm > bound or d.bw > bound):
+        # a burst-provisioned pod must get its provisioned SMs when alone, whatever it declares
+        peak_sm = d.sm + burst_headroom(request.role, d.sm, tm)
+        if config.policy != "binpack" and (peak_sm > bound or d.bw > bound):
             tab.bad[i] = True
-            what = "SMs" if d.sm >= d.bw else "bandwidth"
-            tab.why[i] = f"needs {max(d.sm, d.bw):.2f}x the unit's {what}"
+            what = "SMs" if peak_sm >= d.bw else "bandwidth"
+            tab.why[i] = f"needs {max(peak_sm, d.bw):.2f}x the unit's {what}"
+            if peak_sm > d.sm and peak_sm >= d.bw:
+                tab.why[i] += " at its provisioned load"
         if tm is None:
             continue
         tab.burst[i] = burst_headroom(request.role, d.sm, tm)
@@ -608,9 +612,15 @@ def decide(
         if policy_is_burst_aware(config) and (table.burst.any() or view.has_burst_pods()):
             # at most one of the unit's burst-provisioned pods bursts at a time (bursts of
             # different workloads are rare and independent): while it does, the others run at
-            # their typical load, and the largest burst must still fit
-            ub = view.burst_sm[:, :r] if cols is None else view.burst_sm[:, cols]
-            need = np.maximum(ub, np.take(table.burst, tid, mode="clip"))
+            # their typical load, and the largest burst must still fit. That needs MPS (kernels
+            # of several pods at once); time-sliced units count every pod at its provisioned load
+            sel = slice(None, r) if cols is None else cols
+            b_new = np.take(table.burst, tid, mode="clip")
+            need = np.where(
+                view.mps[:, sel],
+                np.maximum(view.burst_sm[:, sel], b_new),
+                view.burst_sum[:, sel] + b_new,
+            )
             fits_sm &= np.less_equal(need + y, bound)
         ok &= fits_sm
         ok &= fits_bw

@@ -70,7 +70,7 @@ def bursty(name: str, typical: float, rps: float, group: str = "") -> PodRequest
 
 def test_typical_demands_share_a_unit_while_one_burst_fits(demand_model: DemandModel) -> None:
     v = ClusterView()
-    v.set_node("a", [whole_gpu("a", 0)])
+    v.set_node("a", [whole_gpu("a", 0)], mps=True)
     ut = v.unit_type("GPU-a-0")
     assert ut is not None
     first = bursty("p0", 0.2, 10.0, group="ns/app=x")
@@ -88,6 +88,12 @@ def test_typical_demands_share_a_unit_while_one_burst_fits(demand_model: DemandM
     assert no.chosen is None and "over SM capacity" in no.failed_nodes["a"]
     # the baselines do not read typical-vs-provisioned demand
     assert decide(v, heavy, None, NOW, PolicyConfig(policy="binpack"), demand_model).chosen
+    # one burst at a time needs MPS: on a time-sliced GPU every burst counts at once
+    v.set_node("ts", [whole_gpu("ts", 0)], mps=False)
+    put(v, demand_model, bursty("p1", 0.2, 10.0, group="ns/app=z"), "GPU-ts-0")
+    mid = bursty("q2", 0.2, 10.0 * 0.75 / burst_sm, group="ns/app=y")
+    d = decide(v, mid, None, NOW, cfg, demand_model)
+    assert d.scores.keys() == {"a"} and "over SM capacity" in d.failed_nodes["ts"], d.explain()
 
 
 def test_replicas_of_one_workload_never_share_a_unit(demand_model: DemandModel) -> None:
@@ -137,3 +143,17 @@ def test_workload_group_is_the_controller_owner() -> None:
     owner = [{"kind": "ReplicaSet", "name": "chat-prefill", "controller": True}]
     pod = {"metadata": {"name": "p", "namespace": "inf", "ownerReferences": owner}}
     assert pod_request_from_k8s(pod).group == "inf/ReplicaSet/chat-prefill"
+
+
+def test_provisioned_load_must_fit_the_unit_alone(demand_model: DemandModel) -> None:
+    from tests.policies.conftest import mig_unit
+
+    v = ClusterView()
+    v.set_node("m", [mig_unit("m", 0, 0, "1g.10gb")], mps=True)
+    v.set_node("w", [whole_gpu("w", 0)], mps=True)
+    r = PodRequest("ns", "p", role="prefill", model=LLAMA, load=LoadSpec(12.0, 512, 16),
+                   demand=DemandOverride(sm=0.01, mem_bytes=8 * GiB))  # fmt: skip
+    for policy in ("complementary", "spread", "dedicated"):
+        d = decide(v, r, None, NOW, PolicyConfig(policy=policy), demand_model)
+        assert d.scores.keys() == {"w"}, (policy, d.failed_nodes)
+        assert "at its provisioned load" in d.failed_nodes["m"]
