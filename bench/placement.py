@@ -74,12 +74,41 @@ def goals(results) -> list[tuple[str, bool, str]]:
     return out
 
 
+def _before(scenario):
+    """complementary with the packing features off: the row the changes are measured against."""
+    from sim.run import run_policy
+    from sim.workload import build_workload
+
+    by_policy = {k: dict(v) for k, v in scenario.extender_by_policy.items()}
+    entry = by_policy.setdefault("complementary", {})
+    entry["policy"] = {
+        **dict(entry.get("policy") or {}),
+        "fragmentation_weight": 0.0,
+        "separate_bursty_replicas": False,
+    }
+    old = scenario.model_copy(
+        update={
+            "extender_by_policy": by_policy,
+            "autoscaler": scenario.autoscaler.model_copy(update={"prefill_demand": "burst"}),
+        }
+    )
+    r = run_policy(old, "complementary", build_workload(old))
+    r.policy = "compl. (before)"
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["default", "large"], default=None)
     ap.add_argument("--workers", type=int, default=0, help="processes (0: up to 2)")
     ap.add_argument("--minutes", type=float, default=None, help="shorten the scenarios")
     ap.add_argument("--out", type=Path, default=Path("out"))
+    ap.add_argument(
+        "--before",
+        action="store_true",
+        help="also run complementary as it was before the packing work (plain vector best-fit, "
+        "prefill pods declaring their burst, replicas not separated), same traffic and pods",
+    )
     args = ap.parse_args()
     workers = args.workers or default_workers()
     todo = [("default", DEFAULT_SCENARIO), ("large", LARGE_SCENARIO)]
@@ -93,6 +122,8 @@ def main() -> int:
         nodes = sum(p.count for p in scenario.cluster.pools)
         t0 = time.perf_counter()
         results = run_scenario(scenario, workers=workers)
+        if args.before:
+            results.append(_before(scenario))
         wall = time.perf_counter() - t0
         report = write_report(results, args.out, scenario)
         print(

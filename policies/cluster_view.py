@@ -45,6 +45,8 @@ _FLOAT_FIELDS = (
     "tol_y",
     "burst_sm",
     "burst_sum",
+    "decode_caps",
+    "typical_sm",
 )
 _INT_FIELDS = ("type_id", "npods", "index")
 _BOOL_FIELDS = ("active", "healthy", "tel_tensor", "mps")
@@ -53,6 +55,17 @@ _DEFAULTS = {"tel_t": -np.inf, "tol_x": np.inf, "tol_y": np.inf, "mem_cap": 1.0}
 BURSTY_ROLES = frozenset(("prefill", "mixed"))
 
 Slot = tuple[int, int]  # (column j, row)
+
+
+def declares_typical_sm(role: str, request: PodRequest | None) -> bool:
+    """A prefill/mixed pod that declares its SMs (`copack.io/demand: sm=`): with a load it is
+    provisioned for, that is its typical demand, which must be served between bursts."""
+    return (
+        role in BURSTY_ROLES
+        and request is not None
+        and request.demand is not None
+        and request.demand.sm is not None
+    )
 
 
 def burst_headroom(role: str, declared_sm: float, timing: Timing | None) -> float:
@@ -474,12 +487,16 @@ class ClusterView:
         cutoff = self.tel_t[slot] - self._window
         dsm = dbw = dmem = rsm = rbw = rmem = 0.0
         tx = ty = math.inf
-        burst = burst_sum = 0.0
+        burst = burst_sum = caps = typical = 0.0
         for rec in pods.values():
             d = rec.demand
             b = burst_headroom(rec.role, d.sm, rec.timing)
             burst = max(burst, b)
             burst_sum += b
+            if rec.role == "decode":
+                caps += rec.sm_share / 100.0
+            elif declares_typical_sm(rec.role, rec.request):
+                typical = max(typical, d.sm)
             dsm += d.sm
             dbw += d.bw
             dmem += d.mem_bytes
@@ -496,6 +513,7 @@ class ClusterView:
         self.eff_mem[slot] = max(self.tel_mem[slot] + rmem, dmem)
         self.tol_x[slot], self.tol_y[slot] = tx, ty
         self.burst_sm[slot], self.burst_sum[slot] = burst, burst_sum
+        self.decode_caps[slot], self.typical_sm[slot] = caps, typical
         self.npods[slot] = len(pods)
 
     def set_assumed_window(self, seconds: float) -> None:

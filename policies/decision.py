@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from policies import feasibility as fz
-from policies.cluster_view import ClusterView, burst_headroom
+from policies.cluster_view import ClusterView, burst_headroom, declares_typical_sm
 from policies.config import PolicyConfig
 from policies.contention import slowdown_factor
 from policies.model import Demand, PodRequest, Timing, UnitType
@@ -622,6 +622,8 @@ def decide(
                 view.burst_sum[:, sel] + b_new,
             )
             fits_sm &= np.less_equal(need + y, bound)
+        if policy_is_burst_aware(config):
+            fits_sm &= _typical_load_served(view, request, table, tid, dsm, lsm, config, cols, r)
         ok &= fits_sm
         ok &= fits_bw
         if config.slo_check:
@@ -770,6 +772,40 @@ def policy_is_burst_aware(config: PolicyConfig) -> bool:
     """Only copack's own policy reads typical-vs-provisioned demand; the baselines keep the
     semantics of the schedulers they stand for."""
     return config.policy == "complementary"
+
+
+# A pod's typical prefill load over the SMs its MPS neighbours' decode caps leave it: a queue
+# whose utilization reaches 1 grows without bound, whatever the per-request SLO check says.
+_MIN_SM_LEFT = 0.05
+
+
+def _typical_load_served(
+    view: ClusterView,
+    request: PodRequest,
+    table: TypeTable,
+    tid: np.ndarray,
+    dsm: np.ndarray,
+    lsm: np.ndarray,
+    config: PolicyConfig,
+    cols: np.ndarray | None,
+    r: int,
+) -> np.ndarray | bool:
+    """Units where every typical-declaring prefill pod (the new one or one already there)
+    still serves its typical load with the SMs the decode pods' MPS caps leave: decode kernels
+    hold their cap's SMs while they run, and decode pods run nearly all the time. Conservative
+    (the whole typical load is taken as SM-bound)."""
+    sel = slice(None, r) if cols is None else cols
+    caps = view.decode_caps[:, sel]
+    slack = config.overcommit + _EPS
+    if declares_typical_sm(request.role, request):
+        left = np.maximum(_MIN_SM_LEFT, 1.0 - caps)
+        return np.less_equal(dsm, left + slack) | ~view.mps[:, sel]
+    if request.role == "decode":
+        typical = view.typical_sm[:, sel]
+        cap = sm_share_fraction("decode", dsm, lsm, config)
+        left = np.maximum(_MIN_SM_LEFT, 1.0 - caps - cap)
+        return np.less_equal(typical, left + slack) | ~view.mps[:, sel]
+    return True
 
 
 def _correlated_units(

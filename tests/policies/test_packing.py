@@ -157,3 +157,29 @@ def test_provisioned_load_must_fit_the_unit_alone(demand_model: DemandModel) -> 
         d = decide(v, r, None, NOW, PolicyConfig(policy=policy), demand_model)
         assert d.scores.keys() == {"w"}, (policy, d.failed_nodes)
         assert "at its provisioned load" in d.failed_nodes["m"]
+
+
+def test_typical_load_must_be_served_beside_decode_caps(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    v.set_node("a", [whole_gpu("a", 0)], mps=True)
+    v.set_node("t", [whole_gpu("t", 0)], mps=False)
+    for uuid in ("GPU-a-0", "GPU-t-0"):
+        for k in range(2):  # two decode pods capped at 30 % of the SMs each
+            dec = PodRequest("ns", f"d{k}-{uuid}", role="decode",
+                             demand=DemandOverride(0.05, 0.2, 20 * GiB))  # fmt: skip
+            ut = v.unit_type(uuid)
+            assert ut is not None
+            v.place(dec.key, uuid, demand_model.demand(dec, ut), NOW - 60, "decode", 30, dec)
+    assert abs(v.decode_caps[v.slot_of("GPU-a-0")] - 0.6) < 1e-9
+    cfg = PolicyConfig(separate_bursty_replicas=False)
+    # a prefill pod typically busy 50 % of a GPU gets only the 40 % the caps leave: refused
+    busy = bursty("p", 0.5, 10.0)
+    d = decide(v, busy, ["a"], NOW, cfg, demand_model)
+    assert d.chosen is None and "over SM capacity" in d.failed_nodes["a"], d.explain()
+    # a lighter one fits
+    assert decide(v, bursty("q", 0.3, 10.0), ["a"], NOW, cfg, demand_model).chosen
+    # and a decode pod whose cap would starve a typical prefill already there is refused
+    put(v, demand_model, bursty("q", 0.3, 10.0), "GPU-a-0")
+    dec = PodRequest("ns", "d9", role="decode", demand=DemandOverride(0.05, 0.1, 10 * GiB))
+    d = decide(v, dec, ["a"], NOW, cfg, demand_model)
+    assert d.chosen is None, d.explain()
