@@ -713,9 +713,8 @@ def decide(
         if len(top) == 1:
             chosen_row = int(top[0])
         else:  # tie: the smallest node name, whatever the candidates' order
-            chosen_row = min(
-                top.tolist(), key=lambda row: view.node_name_by_id(int(view.row_node[row]))
-            )
+            ranks = view.node_name_rank()[view.row_node[top]]
+            chosen_row = int(top[np.argmin(ranks)])
     chosen_slot = (-1, -1)
     chosen_load = (0.0, 0.0, 0.0)
     chosen = None
