@@ -89,50 +89,42 @@ def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | Non
         return _json(error_body(f"{verb}: cannot process the request: {type(e).__name__}: {e}"),
                      400)
 
-    @app.post("/filter")
-    async def filter_(request: Request) -> Response:
+    async def _verb(verb: str, request: Request, parse, handle) -> Response:
+        """One envelope for the three verbs: parse, refuse while unsynced, answer 400 (never
+        500) on anything wrong, and time every outcome."""
         t0 = time.perf_counter()
         try:
-            args = parse_extender_args(await _read_body(request, limit))
+            args = parse(await _read_body(request, limit))
             if (r := _not_ready()) is not None:
                 return r
-            body, outcome = scheduler.filter(args)
+            body, outcome = await handle(args)
         except BadRequest as e:
-            return _bad("filter", t0, e)
+            return _bad(verb, t0, e)
         except Exception as e:
-            return _unexpected("filter", t0, e)
-        metrics.observe("filter", time.perf_counter() - t0, outcome)
+            return _unexpected(verb, t0, e)
+        metrics.observe(verb, time.perf_counter() - t0, outcome)
         return _json(body)
+
+    async def _filter(args):
+        return scheduler.filter(args)
+
+    async def _prioritize(args):
+        return scheduler.prioritize(args)
+
+    async def _bind(args):
+        return await run_in_threadpool(scheduler.bind, args)
+
+    @app.post("/filter")
+    async def filter_(request: Request) -> Response:
+        return await _verb("filter", request, parse_extender_args, _filter)
 
     @app.post("/prioritize")
     async def prioritize(request: Request) -> Response:
-        t0 = time.perf_counter()
-        try:
-            args = parse_extender_args(await _read_body(request, limit))
-            if (r := _not_ready()) is not None:
-                return r
-            body, outcome = scheduler.prioritize(args)
-        except BadRequest as e:
-            return _bad("prioritize", t0, e)
-        except Exception as e:
-            return _unexpected("prioritize", t0, e)
-        metrics.observe("prioritize", time.perf_counter() - t0, outcome)
-        return _json(body)
+        return await _verb("prioritize", request, parse_extender_args, _prioritize)
 
     @app.post("/bind")
     async def bind(request: Request) -> Response:
-        t0 = time.perf_counter()
-        try:
-            args = parse_binding_args(await _read_body(request, limit))
-            if (r := _not_ready()) is not None:
-                return r
-            body, outcome = await run_in_threadpool(scheduler.bind, args)
-        except BadRequest as e:
-            return _bad("bind", t0, e)
-        except Exception as e:
-            return _unexpected("bind", t0, e)
-        metrics.observe("bind", time.perf_counter() - t0, outcome)
-        return _json(body)
+        return await _verb("bind", request, parse_binding_args, _bind)
 
     @app.get("/healthz")
     async def healthz() -> Response:
