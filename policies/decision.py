@@ -10,6 +10,7 @@ filter answer needs (reason codes, the dicts) is built lazily, on first access."
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -81,7 +82,31 @@ class TypeTable:
     burst: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
 
+# Per demand model: (request, config, unit types) -> its table. The model is pure (its own
+# cache relies on that too), and kube-scheduler asks about one pod several times (filter,
+# prioritize, bind, retries), so a pod's table is built once. Bounded: cleared when full.
+_TABLES: weakref.WeakKeyDictionary[Any, dict[tuple, TypeTable]] = weakref.WeakKeyDictionary()
+_TABLES_MAX = 1024
+
+
 def type_table(
+    types: list[UnitType], request: PodRequest, dm: DemandModelLike, config: PolicyConfig
+) -> TypeTable:
+    """The pod's table, cached; callers must not write into it."""
+    try:
+        cache = _TABLES.setdefault(dm, {})
+    except TypeError:  # a model that takes no weak reference: no cache
+        return build_type_table(types, request, dm, config)
+    key = (request, config, tuple(types))
+    tab = cache.get(key)
+    if tab is None:
+        if len(cache) >= _TABLES_MAX:
+            cache.clear()
+        tab = cache[key] = build_type_table(types, request, dm, config)
+    return tab
+
+
+def build_type_table(
     types: list[UnitType], request: PodRequest, dm: DemandModelLike, config: PolicyConfig
 ) -> TypeTable:
     """Ask the demand model once per unit type; mark types the pod can never use."""
@@ -190,6 +215,19 @@ class Decision:
     @cached_property
     def feasible_nodes(self) -> list[str]:
         return self.cand_array[self._feasible_mask].tolist()
+
+    @cached_property
+    def node_score(self) -> np.ndarray:
+        """kube-scheduler's 0..10 per row; only prioritize and explain need it."""
+        nb = self.node_best
+        fin = np.isfinite(nb)
+        out = np.zeros(len(nb), dtype=np.int64)
+        if self.config.policy == "complementary":
+            unit_score = 1.0 - np.sqrt(np.maximum(0.0, -nb[fin])) / _SQRT3
+        else:
+            unit_score = nb[fin]
+        out[fin] = np.clip(np.rint(10.0 * unit_score), 0, 10).astype(np.int64)
+        return out
 
     @cached_property
     def scores(self) -> dict[str, int]:
@@ -645,7 +683,10 @@ def decide(
         w = config.fragmentation_weight
         if w > 0.0:  # residual SMs/bandwidth of a unit nothing else can enter are stranded
             closed = _closed_units(view, table, msum, mem_cap, npods, config, buf, tmp)
-            np.multiply(score, 1.0 + w, out=score, where=closed)
+            # score *= 1 + w * closed: three plain passes are 5x faster than one `where=` pass
+            np.multiply(closed, w, out=tmp)
+            tmp += 1.0
+            score *= tmp
         np.divide(msum, mem_cap, out=tmp)
         np.subtract(1.0, tmp, out=tmp)
         np.multiply(tmp, tmp, out=tmp)
@@ -671,7 +712,7 @@ def decide(
                 node_val = (free_count - 1.0) / total
             else:  # dedicated: MostAllocated, one unit per pod, fill nodes first
                 node_val = (total - free_count + 1.0) / total
-    np.copyto(score, -np.inf, where=~ok)
+    np.putmask(score, np.logical_not(ok, out=ok), -np.inf)  # ok is a temporary: reuse it
 
     m = score.shape[1]
     row_best = score.max(axis=0) if m else np.zeros(0)
@@ -698,13 +739,6 @@ def decide(
     node_best[~view.row_primary[:r]] = -np.inf  # only a node's first row speaks for it
 
     fin = np.isfinite(node_best)
-    node_score = np.zeros(r, dtype=np.int64)
-    if policy == "complementary":
-        unit_score = 1.0 - np.sqrt(np.maximum(0.0, -node_best[fin])) / _SQRT3
-    else:
-        unit_score = node_best[fin]
-    node_score[fin] = np.clip(np.rint(10.0 * unit_score), 0, 10).astype(np.int64)
-
     chosen_row = -1
     ok_rows = np.flatnonzero(fin & cand_mask)
     if len(ok_rows):
@@ -755,7 +789,6 @@ def decide(
         },
         stale=stale,
         node_best=node_best,
-        node_score=node_score,
         best_j=best_j,
         best_row=best_row,
         chosen=chosen,

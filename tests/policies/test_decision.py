@@ -9,7 +9,7 @@ import pytest
 from policies.cluster_view import ClusterView
 from policies.config import PolicyConfig, PolicyConfigError
 from policies.decision import Placement, Rejection, choose_unit, decide
-from policies.model import Demand, DemandOverride, LoadSpec, PodRequest, Slo, UnitType
+from policies.model import Demand, DemandOverride, LoadSpec, PodRequest, Slo, Timing, UnitType
 from policies.share import sm_share
 from tests.policies.conftest import H100, mig_unit, whole_gpu
 from workloads.roofline import DemandModel
@@ -314,3 +314,52 @@ def test_explain_of_a_big_cluster_is_bounded(demand_model: DemandModel) -> None:
     assert len(e["nodes"]) == 10 and e["nodes_omitted"] == 20
     assert sum("score" in n for n in e["nodes"].values()) == 5
     assert len(e["rejected_units"]) == 5 and e["rejected_units_total"] == 10
+
+
+def test_type_table_is_built_once_per_pod_and_config(demand_model: DemandModel) -> None:
+    """kube-scheduler asks about one pod several times; its table is cached on (pod, config,
+    unit types), and a change to any of them gives a fresh, different one."""
+    from policies.decision import type_table
+
+    v = three_gpus(demand_model)
+    v.set_node("m", [mig_unit("m", 0, 0, "1g.10gb")])
+    pod = req("big", "prefill", rps=3.0, slo=Slo(ttft_s=0.001))
+    plain, slo = PolicyConfig(slo_check=False), PolicyConfig(slo_check=True)
+    first = type_table(v.types, pod, demand_model, plain)
+    assert type_table(list(v.types), pod, demand_model, plain) is first
+    checked = type_table(v.types, pod, demand_model, slo)
+    assert checked is not first
+    assert checked.bad.all() and not first.bad.all()  # a 1 ms TTFT fits no unit
+    other = type_table(v.types, req("big", "prefill", rps=0.1), demand_model, plain)
+    assert other.sm[0] < first.sm[0]
+    v.set_node("h", [whole_gpu("h", 0, product="NVIDIA H200")])
+    grown = type_table(v.types, pod, demand_model, plain)
+    assert len(grown.sm) == len(first.sm) + 1
+    assert decide(v, pod, None, NOW, slo, demand_model).chosen is None
+
+
+class _SlotsModel:
+    """A demand model that takes no weak reference (the table is then not cached)."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: DemandModel) -> None:
+        self.inner = inner
+
+    def demand(self, request: PodRequest, unit_type: UnitType) -> Demand:
+        return self.inner.demand(request, unit_type)
+
+    def timing(self, request: PodRequest, unit_type: UnitType) -> Timing | None:
+        return self.inner.timing(request, unit_type)
+
+    def explain(self, request: PodRequest, unit_type: UnitType) -> dict:
+        return self.inner.explain(request, unit_type)
+
+
+def test_decide_works_with_a_model_that_takes_no_weak_reference(
+    demand_model: DemandModel,
+) -> None:
+    v = three_gpus(demand_model)
+    model = _SlotsModel(demand_model)
+    d = decide(v, req("pre1", "prefill", rps=3.0), None, NOW, PolicyConfig(), model)
+    assert d.chosen == ("a", "GPU-a-0")
