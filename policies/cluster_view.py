@@ -189,6 +189,7 @@ class ClusterView:
         self._window = 10.0
         self.version = 0  # bumped on every change
         self.layout_version = 0  # bumped when nodes/units are added or removed
+        self._primary_rows: tuple[int, dict[str, int]] | None = None
         self._scratch: dict[str, np.ndarray] = {}
 
     # -- storage ---------------------------------------------------------------------------
@@ -616,6 +617,15 @@ class ClusterView:
     def primary_row(self, name: str) -> int | None:
         n = self._nodes.get(name)
         return n.rows[0] if n and n.rows else None
+
+    def primary_rows(self) -> dict[str, int]:
+        """Node name -> its first row (nodes with units only), rebuilt when the layout changes:
+        candidate lists then resolve with one C-level dict lookup per name."""
+        cached = self._primary_rows
+        if cached is None or cached[0] != self.layout_version:
+            rows = {name: n.rows[0] for name, n in self._nodes.items() if n.rows}
+            cached = self._primary_rows = (self.layout_version, rows)
+        return cached[1]
 
     @property
     def n_rows(self) -> int:

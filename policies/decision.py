@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import repeat
 from operator import itemgetter
 from typing import Any, Protocol
 
@@ -246,9 +247,11 @@ class Decision:
         return out
 
     @cached_property
-    def reason_codes(self) -> np.ndarray:
-        """Per-unit reason code, shape (K, rows); 0 = feasible or no unit in that slot."""
-        m = self.full_masks
+    def _codes(self) -> np.ndarray:
+        """Per-unit reason code over the decided columns, shape (K, m); 0 = feasible or no
+        unit in that slot. The decided columns only: a filter over 500 of 5,000 nodes must not
+        pay for the other 4,500."""
+        m = self.masks
 
         def neg(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else ~a
@@ -261,28 +264,54 @@ class Decision:
         return code
 
     @cached_property
-    def _row_reason_counts(self) -> np.ndarray:
-        """(rows, N_REASONS) counts, multi-row nodes folded into their first row."""
-        code = self.reason_codes
-        r = code.shape[1]
-        flat = code.astype(np.intp) * r + np.arange(r, dtype=np.intp)
-        counts = np.bincount(flat.ravel(), minlength=fz.N_REASONS * r).reshape(fz.N_REASONS, r).T
-        counts = np.ascontiguousarray(counts)
+    def reason_codes(self) -> np.ndarray:
+        """Per-unit reason code, shape (K, rows); 0 = feasible or no unit in that slot."""
+        full = self._full(self._codes, fz.OK)
+        assert full is not None
+        return full
+
+    def _pos(self, rows: np.ndarray) -> np.ndarray:
+        """Absolute rows -> columns of the decided arrays (candidate rows are always there)."""
+        return rows if self.cols is None else np.searchsorted(self.cols, rows)
+
+    @cached_property
+    def _multi_pos(self) -> list[np.ndarray]:
+        """The decided columns of each multi-row node whose rows were decided."""
+        out = []
         for rows in self.multi_rows.values():
-            counts[rows[0]] = counts[rows].sum(axis=0)
+            arr = np.asarray(rows, dtype=np.intp)
+            if self.cols is None:
+                out.append(arr)
+                continue
+            if np.isin(arr, self.cols).all():  # a candidate's rows come all together
+                out.append(np.searchsorted(self.cols, arr))
+        return out
+
+    @cached_property
+    def _row_reason_counts(self) -> np.ndarray:
+        """(m, N_REASONS) counts per decided column, multi-row nodes folded into their first."""
+        code = self._codes
+        m = code.shape[1]
+        flat = code.astype(np.intp) * m + np.arange(m, dtype=np.intp)
+        counts = np.bincount(flat.ravel(), minlength=fz.N_REASONS * m).reshape(fz.N_REASONS, m).T
+        counts = np.ascontiguousarray(counts)
+        for pos in self._multi_pos:
+            counts[pos[0]] = counts[pos].sum(axis=0)
         return counts
 
     @cached_property
     def _row_bad_types(self) -> dict[int, np.ndarray]:
-        """type id -> rows holding a unit of that type the pod cannot use (folded)."""
+        """type id -> decided columns holding a unit of that type the pod cannot use (folded)."""
         out: dict[int, np.ndarray] = {}
-        unit_type = self.reason_codes == fz.UNIT_TYPE
-        tid = self.view.type_id[:, : self.rows]
+        unit_type = self._codes == fz.UNIT_TYPE
+        tid = self.view.type_id[:, : self.rows] if self.cols is None else (
+            self.view.type_id[:, self.cols]
+        )
         for t in np.flatnonzero(self.table.bad).tolist():
-            rows = (unit_type & (tid == t)).any(axis=0)
-            for rs in self.multi_rows.values():
-                rows[rs[0]] = rows[rs].any()
-            out[t] = rows
+            cols = (unit_type & (tid == t)).any(axis=0)
+            for pos in self._multi_pos:
+                cols[pos[0]] = cols[pos].any()
+            out[t] = cols
         return out
 
     @cached_property
@@ -299,7 +328,7 @@ class Decision:
         if known.any():
             # Nodes fail for a handful of distinct reasons: group identical reason counts (and
             # unusable unit types) with np.unique and format each group once.
-            krows = rows[known]
+            krows = self._pos(rows[known])
             key = self._row_reason_counts[krows]
             bad_types = sorted(self._row_bad_types)
             if bad_types:
@@ -516,8 +545,8 @@ def _resolve(
     cand_names = list(names)
     as_array = np.empty(len(cand_names), dtype=object)
     as_array[:] = cand_names
-    rows = [view.primary_row(n) for n in cand_names]
-    cand_row = np.fromiter((_UNKNOWN if r is None else r for r in rows), np.intp, len(rows))
+    get = view.primary_rows().get
+    cand_row = np.fromiter(map(get, cand_names, repeat(_UNKNOWN)), np.intp, len(cand_names))
     mask = np.zeros(view.n_rows, dtype=bool)
     mask[cand_row[cand_row >= 0]] = True
     cache.names, cache.version = cand_names, version
