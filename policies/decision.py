@@ -586,7 +586,11 @@ def _sparse_columns(view: ClusterView, cand_row: np.ndarray) -> np.ndarray | Non
         ]
         if extra:
             known = np.concatenate([known, np.asarray(extra, dtype=np.intp)])
-    return np.unique(known)
+    # sort + drop repeats: np.unique's general machinery costs ~5x this on 500 rows
+    rows = np.sort(known)
+    if len(rows) > 1 and not (rows[1:] != rows[:-1]).all():
+        rows = rows[np.concatenate(([True], rows[1:] != rows[:-1]))]
+    return rows
 
 
 def _fold_multi_row(view: ClusterView, best: np.ndarray, best_j: np.ndarray) -> np.ndarray:
