@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import signal
 import socket
 import threading
@@ -112,6 +113,10 @@ class ExtenderService:
             ssl_certfile=tls.cert_file,
             ssl_keyfile=tls.key_file,
             timeout_keep_alive=120,
+            # An idle TLS keep-alive connection (kube-scheduler holds one) keeps uvicorn's
+            # graceful shutdown waiting for the client's close_notify, 30 s by default: give
+            # in-flight verbs the longest one's time (a bind) and then go.
+            timeout_graceful_shutdown=math.ceil(self.config.kube.bind_timeout_s) + 1,
         )
         return uvicorn.Server(cfg)
 
