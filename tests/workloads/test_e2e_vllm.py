@@ -254,7 +254,9 @@ def test_streamed_completion_comes_back_with_kv_from_prefill(stack: Stack) -> No
     token_events = [e for e in events if e.get("choices")]
     usage = events[-1]["usage"]
     assert usage["completion_tokens"] == 8
-    assert len(token_events) == 8
+    # One event per token, unless vLLM's API process falls behind its engine and merges the
+    # tokens not yet sent into one event (seen on a CI run: 2 events carried the 8 tokens).
+    assert 1 <= len(token_events) <= 8
     assert token_events[-1]["choices"][0]["finish_reason"] == "length"
     # Every prompt token reached the decode server over the KV connector.
     assert external_kv_tokens(stack.decode) - before == usage["prompt_tokens"]
