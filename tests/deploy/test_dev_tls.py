@@ -185,22 +185,77 @@ def test_job_role_grants_exactly_the_scripts_api_calls() -> None:
                        ("update", ("copack-extender-tls",))}
 
 
-def test_an_api_server_that_refuses_gives_a_one_line_error(tmp_path: Path) -> None:
-    """The fake API server serves no Secrets (404 for every Secret call): the script must say
-    which call failed and exit 1, not crash."""
+def _run_against(server, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--kubeconfig", str(kubeconfig)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+SECRET_PATH = "/api/v1/namespaces/copack-system/secrets/copack-extender-tls"
+
+
+def test_the_job_creates_keeps_and_replaces_the_secret(tmp_path: Path) -> None:
+    """Through the official client against the fake API server: the first run creates the
+    Secret, a rerun keeps it (the Job runs on every apply), and one holding a certificate that
+    no longer fits is replaced in place (resourceVersion precondition)."""
+    import base64
+
     from tests.fakes.kube_apiserver import FakeKubeApiServer
 
     with FakeKubeApiServer() as server:
-        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT), "--kubeconfig", str(kubeconfig)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
+        done = _run_against(server, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "created secret copack-system/copack-extender-tls" in done.stdout
+        secret = server.get("secrets", "copack-extender-tls", "copack-system")
+        assert secret["type"] == "kubernetes.io/tls"
+        assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+        files = tmp_path / "files"
+        files.mkdir()
+        for k, v in secret["data"].items():
+            (files / k).write_bytes(base64.b64decode(v))
+        # What it stored is a certificate kube-scheduler's client accepts.
+        port, t, seen = _serve_once(files)
+        assert _connect(port, files / "ca.crt", "copack-extender.copack-system.svc") == b"ok"
+        t.join(10)
+        assert seen == ["handshake"]
+
+        done = _run_against(server, tmp_path)
+        assert done.returncode == 0 and "kept secret" in done.stdout, done.stderr
+        assert server.get("secrets", "copack-extender-tls", "copack-system") == secret
+
+        # A CA that did not sign the certificate (someone replaced part of it): not kept.
+        server.patch("secrets", "copack-extender-tls",
+                     {"data": {"ca.crt": secret["data"]["tls.crt"]}}, "copack-system", "merge")
+        done = _run_against(server, tmp_path)
+        assert done.returncode == 0 and "replaced secret" in done.stdout, done.stderr
+        now = server.get("secrets", "copack-extender-tls", "copack-system")
+        assert now["metadata"]["uid"] == secret["metadata"]["uid"]
+        assert now["data"]["tls.crt"] != secret["data"]["tls.crt"]
+        methods = [(r.method, r.path) for r in server.requests if "secrets" in r.path]
+    assert methods == [
+        ("GET", SECRET_PATH),
+        ("POST", "/api/v1/namespaces/copack-system/secrets"),
+        ("GET", SECRET_PATH),
+        ("GET", SECRET_PATH),
+        ("PUT", SECRET_PATH),
+    ]
+
+
+def test_an_api_server_that_refuses_gives_a_one_line_error(tmp_path: Path) -> None:
+    """A refused write (RBAC missing, say): the script says which call failed and exits 1,
+    without a traceback."""
+    from tests.fakes.kube_apiserver import FakeKubeApiServer
+
+    with FakeKubeApiServer() as server:
+        server.fail_next("create", status=403, resource="secrets", reason="Forbidden")
+        done = _run_against(server, tmp_path)
         methods = [(r.method, r.path) for r in server.requests]
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
-    assert "writing secret copack-system/copack-extender-tls: 404" in done.stderr
+    assert "writing secret copack-system/copack-extender-tls: 403" in done.stderr
     assert methods == [
-        ("GET", "/api/v1/namespaces/copack-system/secrets/copack-extender-tls"),
+        ("GET", SECRET_PATH),
         ("POST", "/api/v1/namespaces/copack-system/secrets"),
     ]

@@ -1,4 +1,5 @@
-"""An in-repo fake Kubernetes API server (core/v1 Nodes and Pods) over real HTTP on loopback.
+"""An in-repo fake Kubernetes API server (core/v1 Nodes, Pods and Secrets) over real HTTP on
+loopback.
 
 No kube-apiserver binary can be had on these machines, yet copack's extender, agent and device
 plugin must be tested through the *official* `kubernetes` Python client, quirks included
@@ -12,6 +13,7 @@ Endpoints (JSON only, HTTP/1.1 keep-alive, TCP_NODELAY):
   PATCH  .../nodes/N | .../pods/P   (and /status)                           patch
   DELETE .../nodes/N | .../pods/P                                           delete (immediate)
   POST   /api/v1/namespaces/NS/pods/P/binding                               bind (201 + v1 Status)
+  the same verbs for /api/v1/namespaces/NS/secrets[/S] (no subresources)
   GET    /version, /healthz, /readyz, /api, /api/v1                         discovery odds and ends
 
 Semantics kept from the real server:
@@ -111,7 +113,11 @@ __all__ = [
 MAX_BODY_BYTES = 3 * 1024 * 1024  # the real server's request size limit
 
 # resource -> (kind, namespaced)
-RESOURCES: dict[str, tuple[str, bool]] = {"pods": ("Pod", True), "nodes": ("Node", False)}
+RESOURCES: dict[str, tuple[str, bool]] = {
+    "pods": ("Pod", True),
+    "nodes": ("Node", False),
+    "secrets": ("Secret", True),  # the dev overlay's TLS bootstrap writes one
+}
 
 FIELD_SELECTORS: dict[str, dict[str, Callable[[dict], str]]] = {
     "pods": {
@@ -130,6 +136,11 @@ FIELD_SELECTORS: dict[str, dict[str, Callable[[dict], str]]] = {
     "nodes": {
         "metadata.name": lambda o: o["metadata"].get("name", ""),
         "spec.unschedulable": lambda o: str(bool(o.get("spec", {}).get("unschedulable"))).lower(),
+    },
+    "secrets": {
+        "metadata.name": lambda o: o["metadata"].get("name", ""),
+        "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
+        "type": lambda o: o.get("type", "") or "",
     },
 }
 
@@ -1284,10 +1295,11 @@ class FakeKubeApiServer:
 
 
 _ROUTES = [
-    (re.compile(r"^/api/v1/(nodes|pods)$"), "collection"),
-    (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)$"), "ns_collection"),
+    (re.compile(r"^/api/v1/(nodes|pods|secrets)$"), "collection"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods|secrets)$"), "ns_collection"),
     (re.compile(r"^/api/v1/(nodes)/([^/]+)(?:/(status))?$"), "node"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)/([^/]+)(?:/(status|binding))?$"), "pod"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/(secrets)/([^/]+)()$"), "pod"),
 ]
 
 
@@ -1573,7 +1585,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ns = None
             else:
                 ns, resource, name, sub = (
-                    unquote(m.group(1)), m.group(2), unquote(m.group(3)), m.group(4)
+                    unquote(m.group(1)), m.group(2), unquote(m.group(3)), m.group(4) or None
                 )
             rec.resource, rec.namespace, rec.name, rec.subresource = resource, ns, name, sub
             return self._handler_for(method, resource, ns, name, sub, query, rec)
@@ -1721,6 +1733,8 @@ _API_RESOURCE_LIST = {
          "verbs": ["create"]},
         {"name": "pods/status", "singularName": "", "namespaced": True, "kind": "Pod",
          "verbs": ["get", "patch", "update"]},
+        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+         "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]},
     ],
 }
 
