@@ -5,10 +5,10 @@ real users would, so queueing shows up in the latencies instead of slowing the a
 request streams (`stream_options.include_usage`) so time to first token and time per output
 token are measured at the client: TTFT = first streamed token - send; TPOT = (end of the
 answer - first token) / (output tokens - 1), vLLM's benchmark definition. A busy server hands
-tokens over in bursts (vLLM merges the outputs its API process has not sent yet), and when a
-short answer arrives in one read, last - first is exactly zero; the end still bounds the
-decode, and what the burst hid shows up in TTFT. `ignore_eos` makes the server produce the
-trace's output length (vLLM's own benchmarks do the same).
+tokens over in bursts (vLLM merges the outputs its API process has not sent yet): when a short
+answer arrives in one read, last - first is exactly zero, and the decode time the burst hid
+shows up in TTFT instead. `ignore_eos` makes the server produce the trace's output length
+(vLLM's own benchmarks do the same).
 """
 
 from __future__ import annotations

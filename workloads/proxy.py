@@ -210,8 +210,8 @@ class _StreamStats:
                         self.usage_tokens = tokens
 
     def tpot(self, end: float) -> float | None:
-        """Up to the stream's end, as `copack workload replay` and vLLM's benchmark count it:
-        tokens that came in one burst still get their decode time."""
+        """Up to the stream's end, as `copack workload replay` and vLLM's benchmark count it,
+        so the proxy's histogram and a client's report measure the same thing."""
         tokens = self.usage_tokens if self.usage_tokens is not None else self.events
         if self.first_at is None or tokens < 2:
             return None
