@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.copack-base
 VLLM_STAMP := $(VENV)/.copack-vllm
 TOOLS_STAMP := $(VENV)/.copack-deploy-tools
+# Extra flags for `copack demo`, e.g. DEMO_ARGS="--duration-s 300 --policy complementary".
+DEMO_ARGS ?=
 
 .PHONY: demo test lint venv vllm clean-venv
 
@@ -28,7 +30,7 @@ venv: $(BASE_STAMP)
 vllm: $(VLLM_STAMP)
 
 demo: $(BASE_STAMP)
-	$(VENV)/bin/copack demo
+	$(VENV)/bin/copack demo $(DEMO_ARGS)
 
 lint: $(BASE_STAMP)
 	$(PY) -m ruff check .

@@ -1,4 +1,4 @@
-"""Subcommands of `copack` contributed by `sim`: `copack demo` and `copack sim --config FILE`."""
+"""Subcommands of `copack` contributed by `sim`: `copack demo` and `copack sim`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from pathlib import Path
 
 import typer
 
-from sim.scenario import DEFAULT_SCENARIO, POLICIES, Scenario, ScenarioError, load_scenario
+from sim.scenario import (
+    DEFAULT_SCENARIO,
+    POLICIES,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    parse_scenario,
+    with_trace,
+)
 
 
 def _run(scenario: Scenario, out: Path, policies: list[str] | None, workers: int) -> None:
@@ -62,38 +70,68 @@ def _run(scenario: Scenario, out: Path, policies: list[str] | None, workers: int
     console.print(f"report: {path}")
 
 
+def _prepare(
+    config: Path | None, trace: Path | None, duration_s: float | None
+) -> Scenario:
+    """The scenario to run: a file or the embedded default, with the user's trace and duration
+    applied; a bad file or trace exits 2 before anything runs or is written."""
+    try:
+        scenario = load_scenario(config or DEFAULT_SCENARIO)
+        if trace is not None:
+            scenario = with_trace(scenario, trace)
+        if duration_s is not None:
+            raw = scenario.model_dump(mode="python")
+            raw["duration_s"] = duration_s
+            scenario = parse_scenario(raw, f"{scenario.name} with --duration-s {duration_s:g}")
+    except ScenarioError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    return scenario
+
+
+_OUT = typer.Option(Path("out"), help="folder for the HTML report")
+_POLICY = typer.Option(None, help="run only these policies (repeatable)")
+_WORKERS = typer.Option(0, help="parallel processes (0: up to 2, one per core)")
+_DURATION = typer.Option(None, "--duration-s", help="simulate this many seconds instead")
+
+
 def register(app: typer.Typer) -> None:
     """Add this component's commands to the top-level app."""
 
     @app.command("demo")
     def demo(
-        out: Path = typer.Option(Path("out"), help="folder for the HTML report"),
-        policy: list[str] = typer.Option(None, help="run only these policies (repeatable)"),
-        workers: int = typer.Option(0, help="parallel processes (0: up to 2, one per core)"),
+        out: Path = _OUT,
+        policy: list[str] = _POLICY,
+        workers: int = _WORKERS,
+        duration_s: float | None = _DURATION,
     ) -> None:
         """Simulate the embedded default scenario under every policy and print the table."""
         from sim.simulate import default_workers
 
-        try:
-            scenario = load_scenario(DEFAULT_SCENARIO)
-        except ScenarioError as e:
-            typer.echo(str(e), err=True)
-            raise typer.Exit(2) from None
+        scenario = _prepare(None, None, duration_s)
         _run(scenario, out, policy or None, workers or default_workers())
 
     @app.command("sim")
     def sim(
-        config: Path = typer.Option(..., "--config", "-c", help="scenario YAML file"),
-        out: Path = typer.Option(Path("out"), help="folder for the HTML report"),
-        policy: list[str] = typer.Option(None, help="run only these policies (repeatable)"),
-        workers: int = typer.Option(0, help="parallel processes (0: up to 2, one per core)"),
+        config: Path | None = typer.Option(
+            None, "--config", "-c", help="scenario YAML file (default: the embedded default)"
+        ),
+        trace: Path | None = typer.Option(
+            None,
+            "--trace",
+            help="replay this trace in every service: a CSV with TIMESTAMP,ContextTokens,"
+            "GeneratedTokens or JSON lines with timestamp (ms), input_length, output_length",
+        ),
+        out: Path = _OUT,
+        policy: list[str] = _POLICY,
+        workers: int = _WORKERS,
+        duration_s: float | None = _DURATION,
     ) -> None:
-        """Simulate a scenario file (see docs/simulator.md for its format)."""
+        """Simulate a scenario file, or the default scenario on your own trace."""
         from sim.simulate import default_workers
 
-        try:
-            scenario = load_scenario(config)
-        except ScenarioError as e:
-            typer.echo(str(e), err=True)
-            raise typer.Exit(2) from None
+        if config is None and trace is None:
+            typer.echo("copack sim: give --config FILE, --trace FILE, or both", err=True)
+            raise typer.Exit(2)
+        scenario = _prepare(config, trace, duration_s)
         _run(scenario, out, policy or None, workers or default_workers())

@@ -66,7 +66,9 @@ class ServiceSpec(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     model: str = Field(min_length=1)
-    trace: str = Field(min_length=1, description="`code`, `conv`, or a CSV path")
+    trace: str = Field(
+        min_length=1, description="`code`, `conv`, or a trace file (Azure-style CSV, JSON lines)"
+    )
     rate: float = Field(default=1.0, gt=0, le=1000, description="arrival-rate multiplier")
     time_scale: float = Field(default=1.0, gt=0, le=1000)
     offset_s: float = Field(default=0.0, ge=0)
@@ -276,13 +278,7 @@ def _check_catalog(scenario: Scenario, source: str) -> None:
             catalog.model(svc.model)
         except (KeyError, ValueError) as e:
             problems.append(f"services[{i}].model: {_msg(e)}")
-        from sim.traces import TRACE_FILES
-
-        if svc.trace not in TRACE_FILES and not Path(svc.trace).is_file():
-            problems.append(
-                f"services[{i}].trace: {svc.trace!r} is neither one of "
-                f"{sorted(TRACE_FILES)} nor an existing CSV file"
-            )
+    problems.extend(_trace_problems(scenario))
     from extender.config import ConfigError
 
     unknown = sorted(set(scenario.extender_by_policy) - set(POLICIES))
@@ -296,6 +292,37 @@ def _check_catalog(scenario: Scenario, source: str) -> None:
             break
     if problems:
         raise ScenarioError(f"invalid scenario {source}:\n  " + "\n  ".join(problems))
+
+
+def _trace_problems(scenario: Scenario) -> list[str]:
+    """Read every trace now (each once): a malformed row is reported before any run starts,
+    with the file, line and column, instead of ending a run half way."""
+    from sim.traces import TraceError, load_trace
+
+    problems: list[str] = []
+    seen: dict[str, str | None] = {}
+    for i, svc in enumerate(scenario.services):
+        if svc.trace not in seen:
+            try:
+                load_trace(svc.trace)
+                seen[svc.trace] = None
+            except TraceError as e:
+                seen[svc.trace] = str(e)
+        if seen[svc.trace] is not None:
+            problems.append(f"services[{i}].trace: {seen[svc.trace]}")
+    return problems
+
+
+def with_trace(scenario: Scenario, trace: str | Path) -> Scenario:
+    """The scenario with every service replaying `trace` (a user's own traffic through the
+    scenario's services, their rates as multipliers of that trace's rate)."""
+    path = Path(trace).resolve()
+    raw = scenario.model_dump(mode="python")
+    for svc in raw["services"]:
+        svc["trace"] = str(path)
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem) or "trace"
+    raw["name"] = f"{scenario.name}-{stem}"
+    return parse_scenario(raw, f"{scenario.name} with --trace {trace}")
 
 
 def _msg(e: Exception) -> str:

@@ -1,4 +1,5 @@
-"""The Azure LLM inference traces (Splitwise, 2023) that drive the simulator's services.
+"""The traces that drive the simulator's services: the bundled Azure LLM inference traces
+(Splitwise, 2023) or a user's own file in the same shape (CSV or JSON lines).
 
 Each service replays one trace, optionally time-scaled, shifted and superposed with copies of
 itself to reach a target rate, so several services see real burstiness without all peaking in
@@ -7,25 +8,15 @@ the same second. Traces are read once per process and kept as numpy arrays.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-DATA_DIR_ENV = "COPACK_DATA_DIR"
-TRACE_FILES: dict[str, str] = {
-    "code": "azure_llm_2023_code.csv",
-    "conv": "azure_llm_2023_conv.csv",
-}
-_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+from workloads.data import DATA_DIR_ENV, TRACE_FILES, trace_file
+from workloads.trace import TraceError, load_trace_file
 
-
-class TraceError(ValueError):
-    """A trace that cannot be found or read; the message names the file and what is wrong."""
+__all__ = ["DATA_DIR_ENV", "TRACE_FILES", "Trace", "TraceError", "load_trace", "replay"]
 
 
 @dataclass(frozen=True)
@@ -45,59 +36,24 @@ class Trace:
         return len(self.arrival_s)
 
 
-def data_dir() -> Path:
-    """`$COPACK_DATA_DIR`, else `../shared/data` relative to the repository root."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env)
-    repo_root = Path(__file__).resolve().parent.parent
-    return (repo_root / ".." / "shared" / "data").resolve()
-
-
-def trace_path(name: str) -> Path:
-    if name in TRACE_FILES:
-        return data_dir() / TRACE_FILES[name]
-    return Path(name)
-
-
 @functools.lru_cache(maxsize=16)
 def load_trace(name: str) -> Trace:
-    """Load a trace by short name (`code`, `conv`) or by path to a CSV with the Azure columns."""
-    path = trace_path(name)
+    """A bundled trace by short name (`code`, `conv`), or a trace file by path (an Azure-style
+    CSV or JSON lines, see workloads.trace.load_trace_file)."""
+    path = trace_file(name)
+    if name in TRACE_FILES and not path.is_file():
+        raise TraceError(
+            f"trace {name!r}: file {path} not found ({DATA_DIR_ENV} points at a folder without "
+            f"{TRACE_FILES[name]}; unset it to use the bundled traces)"
+        )
     if not path.is_file():
-        hint = f" (set {DATA_DIR_ENV} to the folder holding {TRACE_FILES[name]})" if (
-            name in TRACE_FILES
-        ) else ""
-        raise TraceError(f"trace {name!r}: file {path} not found{hint}")
-    stamps: list[float] = []
-    prompts: list[int] = []
-    outputs: list[int] = []
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header[:3]) != _COLUMNS:
-            raise TraceError(f"trace {path}: header must be {','.join(_COLUMNS)}, got {header}")
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                stamp = dt.datetime.fromisoformat(row[0].strip()[:26])
-                prompt, output = int(row[1]), int(row[2])
-            except (ValueError, IndexError) as e:
-                raise TraceError(f"trace {path}, line {lineno}: {e}") from None
-            stamps.append(stamp.replace(tzinfo=dt.UTC).timestamp())
-            prompts.append(max(prompt, 1))
-            outputs.append(max(output, 1))
-    if not stamps:
-        raise TraceError(f"trace {path}: no requests")
-    t = np.asarray(stamps, dtype=np.float64)
-    order = np.argsort(t, kind="stable")
-    t = t[order] - t[order][0]
+        raise TraceError(f"trace {name!r}: file {path} not found")
+    reqs = load_trace_file(path)
     return Trace(
         name=name,
-        arrival_s=t,
-        prompt_tokens=np.asarray(prompts, dtype=np.int64)[order],
-        output_tokens=np.asarray(outputs, dtype=np.int64)[order],
+        arrival_s=np.fromiter((r.at_s for r in reqs), dtype=np.float64, count=len(reqs)),
+        prompt_tokens=np.fromiter((r.prompt_tokens for r in reqs), dtype=np.int64, count=len(reqs)),
+        output_tokens=np.fromiter((r.output_tokens for r in reqs), dtype=np.int64, count=len(reqs)),
     )
 
 

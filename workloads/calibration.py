@@ -70,6 +70,10 @@ def load_muxserve(path: str | Path) -> dict:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"MuxServe table not found at {path}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read the MuxServe table {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"MuxServe table {path} is not JSON: {e}") from None
 
 
 def log_errors(cal: Calibration, pts: Points, gpu: str = MUXSERVE_GPU) -> np.ndarray:

@@ -229,7 +229,12 @@ def render(
 
 @workload_app.command("replay")
 def replay(
-    trace: Annotated[Path, typer.Option(help="Azure LLM trace CSV")],
+    trace: Annotated[
+        str,
+        typer.Option(
+            help="trace file (Azure-style CSV or JSON lines) or a bundled trace: code, conv"
+        ),
+    ],
     url: Annotated[str, typer.Option(help="OpenAI endpoint base, e.g. http://127.0.0.1:8000")],
     limit: Annotated[int | None, typer.Option(help="replay only the first N requests")] = None,
     speedup: Annotated[float, typer.Option(help="time compression (10 = 10x faster)")] = 1.0,
@@ -256,9 +261,10 @@ def replay(
         TimeElapsedColumn,
     )
 
+    from workloads.data import trace_file
     from workloads.loadgen import ReplayConfig, ReplayError, format_report
     from workloads.loadgen import replay as run_replay
-    from workloads.trace import TraceError, load_azure_trace, shape_trace
+    from workloads.trace import TraceError, load_trace_file, shape_trace
 
     if max_concurrency is not None and max_concurrency < 1:
         _fail("--max-concurrency must be at least 1")
@@ -266,7 +272,7 @@ def replay(
         _fail("--timeout must be positive")
     try:
         requests = shape_trace(
-            load_azure_trace(trace, limit),
+            load_trace_file(trace_file(trace), limit),
             speedup=speedup,
             prompt_scale=prompt_scale,
             max_prompt_tokens=max_prompt_tokens,
@@ -317,6 +323,39 @@ def replay(
         raise typer.Exit(code=1)
 
 
+def calibrate(
+    data: Annotated[
+        Path | None,
+        typer.Option(help="MuxServe SM-share table (JSON; default: the bundled one)"),
+    ] = None,
+    models: Annotated[str, typer.Option(help="comma-separated table models")] = (
+        "llama-7b,llama-13b"
+    ),
+    from_scratch: Annotated[
+        bool, typer.Option(help="start from neutral constants instead of the shipped calibration")
+    ] = False,
+) -> None:
+    """Fit the roofline model's efficiency factors and overhead to the MuxServe table and
+    print them next to the shipped constants (workloads/roofline.py CALIBRATION)."""
+    from workloads.calibration import fit, load_muxserve, muxserve_points, summary
+    from workloads.data import MUXSERVE_PROFILE, data_file
+    from workloads.roofline import CALIBRATION, Calibration
+
+    try:
+        table = load_muxserve(data or data_file(MUXSERVE_PROFILE))
+        pts = muxserve_points(table, tuple(m.strip() for m in models.split(",") if m.strip()))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    start = Calibration(0.5, 0.5, 1e-4, 0.5, 2.0) if from_scratch else CALIBRATION
+    fitted = summary(fit(pts, start=start), pts)
+    shipped = summary(CALIBRATION, pts)
+    typer.echo(f"{'':24}{'fitted':>14}{'shipped':>14}")
+    for k, v in fitted.items():
+        typer.echo(f"{k:24}{v:>14.6g}{shipped[k]:>14.6g}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this component's commands to the top-level app."""
     app.add_typer(workload_app, name="workload")
+    app.command("calibrate")(calibrate)

@@ -9,7 +9,7 @@ compute C and bandwidth W (a MIG instance has its SM count / the GPU's of C and 
     T   = layers * t_layer + max(t_c, t_m) + gamma * min(t_c, t_m)
 
 Constants fitted (log least squares) on all 1,350 single-GPU points of MuxServe's LLaMA-7B and
-13B A100 table (`../shared/data/muxserve_llama_a100_profile.json`): see CALIBRATION and
+13B A100 table (`workloads/data/muxserve_llama_a100_profile.json`): see CALIBRATION and
 docs/policies.md. The same constants reproduce DistServe's OPT-13B fits within a few percent.
 
 Demand (fractions of the unit, what telemetry measures as tensor and DRAM activity):

@@ -1,4 +1,5 @@
-"""Request traces to replay: the Azure LLM inference traces, and prompts sized to match them.
+"""Request traces to replay: the Azure LLM inference traces (or any trace with the same fields,
+as CSV or JSON lines), and prompts sized to match them.
 
 The Azure files (`TIMESTAMP,ContextTokens,GeneratedTokens`, Splitwise, ISCA'24) give arrival
 times and token counts but no text. Prompts are synthesized: a sequence of common short English
@@ -14,11 +15,14 @@ the prefill work.
 from __future__ import annotations
 
 import csv
+import json
+import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
@@ -49,14 +53,22 @@ class TraceRequest:
     output_tokens: int
 
 
+# JSON-lines traces (Mooncake, BurstGPT-style exports): one object per line, `timestamp` in ms.
+JSONL_KEYS = ("timestamp", "input_length", "output_length")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
 def _parse_time(text: str) -> datetime:
     # The Azure files carry 7 fractional digits; datetime takes at most 6.
     head, dot, frac = text.strip().partition(".")
     return datetime.fromisoformat(f"{head}.{frac[:6]}" if dot else head)
 
 
-def load_azure_trace(path: Path | str, limit: int | None = None) -> list[TraceRequest]:
-    """Read an Azure LLM trace CSV; arrival offsets are relative to its first request."""
+def load_trace_file(path: Path | str, limit: int | None = None) -> list[TraceRequest]:
+    """Read a trace: a CSV with the Azure columns (`TIMESTAMP,ContextTokens,GeneratedTokens`)
+    or JSON lines with `timestamp` (ms), `input_length`, `output_length`. Arrival offsets are
+    relative to the first request; a malformed row is a TraceError naming file, line and column.
+    """
     p = Path(path)
     if limit is not None and limit < 1:
         raise TraceError(f"limit must be at least 1, got {limit}")
@@ -64,44 +76,115 @@ def load_azure_trace(path: Path | str, limit: int | None = None) -> list[TraceRe
         fh = p.open(newline="", encoding="utf-8")
     except OSError as e:
         raise TraceError(f"cannot read trace {p}: {e.strerror or e}") from None
-    out: list[TraceRequest] = []
     with fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in AZURE_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise TraceError(
-                f"{p}: missing column(s) {', '.join(missing)} "
-                f"(expected header {','.join(AZURE_COLUMNS)})"
-            )
-        t0: datetime | None = None
-        for row in reader:
-            line = reader.line_num
-            try:
-                ts = _parse_time(row["TIMESTAMP"] or "")
-            except ValueError:
-                raise TraceError(
-                    f"{p}:{line}: TIMESTAMP {row['TIMESTAMP']!r} is not a date-time"
-                ) from None
-            counts = []
-            for col in ("ContextTokens", "GeneratedTokens"):
-                try:
-                    n = int(row[col] or "")
-                except ValueError:
-                    raise TraceError(f"{p}:{line}: {col} {row[col]!r} is not a number") from None
-                if n < 0:
-                    raise TraceError(f"{p}:{line}: {col} {n} is negative")
-                counts.append(n)
-            if t0 is None:
-                t0 = ts
-            at = (ts - t0).total_seconds()
-            if at < 0:
-                raise TraceError(f"{p}:{line}: TIMESTAMP goes back in time")
-            out.append(TraceRequest(at, max(1, counts[0]), max(1, counts[1])))
-            if limit is not None and len(out) >= limit:
-                break
+        try:
+            head = fh.read(4096)
+            fh.seek(0)
+            is_jsonl = p.suffix.lower() in JSONL_SUFFIXES or head.lstrip().startswith("{")
+            rows = _jsonl_rows(p, fh) if is_jsonl else _csv_rows(p, fh)
+            out = _relative(p, rows, limit)
+        except UnicodeDecodeError as e:
+            raise TraceError(f"trace {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not out:
-        raise TraceError(f"{p}: no requests in the trace")
+        raise TraceError(f"trace {p}: no requests in the trace")
     return out
+
+
+Row = tuple[int, float, int, int]  # line, arrival (s, absolute), prompt, output
+
+
+def _relative(p: Path, rows: Iterable[Row], limit: int | None) -> list[TraceRequest]:
+    out: list[TraceRequest] = []
+    t0: float | None = None
+    last = -math.inf
+    for line, t, prompt, output in rows:
+        if t < last:
+            raise TraceError(f"trace {p}, line {line}: timestamp goes back in time")
+        last = t
+        if t0 is None:
+            t0 = t
+        out.append(TraceRequest(t - t0, max(1, prompt), max(1, output)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _csv_rows(p: Path, fh: TextIO) -> Iterator[Row]:
+    reader = csv.reader(fh)
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in AZURE_COLUMNS if c not in header]
+    if missing:
+        raise TraceError(
+            f"trace {p}: missing column(s) {', '.join(missing)} "
+            f"(expected header {','.join(AZURE_COLUMNS)}, or JSON lines with "
+            f"{', '.join(JSONL_KEYS)})"
+        )
+    cols = [header.index(c) for c in AZURE_COLUMNS]
+    for row in reader:
+        line = reader.line_num
+        if not row or not any(f.strip() for f in row):
+            continue
+        if len(row) <= max(cols):
+            raise TraceError(
+                f"trace {p}, line {line}: {len(row)} field(s), the header has {len(header)}"
+            )
+
+        def where(k: int, line: int = line) -> str:
+            return f"trace {p}, line {line}, column {cols[k] + 1} ({AZURE_COLUMNS[k]})"
+
+        text = row[cols[0]]
+        try:
+            t = _parse_time(text).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            raise TraceError(f"{where(0)}: {text!r} is not a date-time") from None
+        counts = [_count(row[cols[k]], lambda k=k: where(k)) for k in (1, 2)]
+        yield line, t, counts[0], counts[1]
+
+
+def _count(text: object, where: Callable[[], str]) -> int:
+    if isinstance(text, str):
+        try:
+            n = int(text.strip())
+        except ValueError:
+            raise TraceError(f"{where()}: {text!r} is not a whole number") from None
+    elif isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    elif isinstance(text, float) and text.is_integer():
+        n = int(text)
+    else:
+        raise TraceError(f"{where()}: {text!r} is not a whole number")
+    if n < 0:
+        raise TraceError(f"{where()}: {n} is negative")
+    return n
+
+
+def _jsonl_rows(p: Path, fh: TextIO) -> Iterator[Row]:
+    for line, text in enumerate(fh, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TraceError(
+                f"trace {p}, line {line}, column {e.colno}: not JSON ({e.msg})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise TraceError(f"trace {p}, line {line}: expected a JSON object, got {obj!r:.40}")
+        for key in JSONL_KEYS:
+            if key not in obj:
+                raise TraceError(
+                    f"trace {p}, line {line}: no {key!r} (needs {', '.join(JSONL_KEYS)})"
+                )
+
+        def where(key: str, line: int = line) -> str:
+            return f"trace {p}, line {line}, column {key!r}"
+
+        ts = obj["timestamp"]
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+            raise TraceError(f"{where('timestamp')}: {ts!r} is not a number of milliseconds")
+        prompt = _count(obj["input_length"], lambda: where("input_length"))
+        output = _count(obj["output_length"], lambda: where("output_length"))
+        yield line, ts / 1e3, prompt, output
 
 
 def shape_trace(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from copack.cli import app
 from policies.model import UnitType
 from workloads.calibration import fit, muxserve_points, rms_log_error
+from workloads.data import MUXSERVE_PROFILE, PACKAGE_DATA
 from workloads.gpu_catalog import gpu_spec
 from workloads.model_catalog import model_spec
 from workloads.roofline import (
@@ -24,15 +25,12 @@ from workloads.roofline import (
     unit_shape,
 )
 
-SHARED = (
-    Path(__file__).resolve().parents[3] / "shared" / "data" / "muxserve_llama_a100_profile.json"
-)
-FIXTURE = Path(__file__).parent / "data" / "muxserve_llama7b_1gpu.json"
+PROFILE = PACKAGE_DATA / MUXSERVE_PROFILE
 
 
 @pytest.fixture(scope="module")
 def table() -> dict:
-    return json.loads((SHARED if SHARED.exists() else FIXTURE).read_text())
+    return json.loads(PROFILE.read_text())
 
 
 def test_fit_from_neutral_start_recovers_the_shipped_constants(table: dict) -> None:
@@ -71,10 +69,10 @@ def test_vectorized_step_time_equals_scalar() -> None:
 
 
 def test_calibrate_command(tmp_path: Path) -> None:
-    r = CliRunner().invoke(app, ["calibrate", "--data", str(FIXTURE), "--models", "llama-7b"])
+    r = CliRunner().invoke(app, ["calibrate", "--models", "llama-7b"])  # the bundled table
     assert r.exit_code == 0, r.output
     assert "compute_eff" in r.output and "rms_log_error" in r.output
     bad = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path / "none.json")])
     assert bad.exit_code == 2 and "not found" in bad.output
-    wrong = CliRunner().invoke(app, ["calibrate", "--data", str(FIXTURE), "--models", "llama-70b"])
+    wrong = CliRunner().invoke(app, ["calibrate", "--data", str(PROFILE), "--models", "llama-70b"])
     assert wrong.exit_code == 2 and "llama-70b" in wrong.output

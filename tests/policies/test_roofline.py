@@ -1,5 +1,5 @@
-"""The roofline demand model against measurements: MuxServe's SM-share table (read from the
-shared data), DistServe's fitted step latencies, and the physics DESIGN.md relies on."""
+"""The roofline demand model against measurements: MuxServe's SM-share table (the bundled copy
+in workloads/data), DistServe's fitted step latencies, and the physics DESIGN.md relies on."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from policies.contention import slowdown_factor, sm_share_slowdown
 from policies.model import DemandOverride, LoadSpec, PodRequest, UnitType
+from workloads.data import MUXSERVE_PROFILE, PACKAGE_DATA
 from workloads.gpu_catalog import gpu_spec
 from workloads.model_catalog import model_spec
 from workloads.roofline import (
@@ -23,23 +24,16 @@ from workloads.roofline import (
     unit_shape,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data" / "muxserve_llama_a100_profile.json"
-FIXTURE = Path(__file__).parent / "data" / "muxserve_llama7b_1gpu.json"
 A100 = "NVIDIA A100-SXM4-80GB"
 H100 = "NVIDIA H100 80GB HBM3"
 LLAMA3 = "meta-llama/Llama-3.1-8B-Instruct"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def muxserve() -> dict:
     """llama-7b, 1 GPU: sm_percent -> batch -> seq -> {prefill, decoding} ms."""
-    fixture = json.loads(FIXTURE.read_text())["llama-7b"]["1"]
-    if SHARED.exists():
-        real = json.loads(SHARED.read_text())["llama-7b"]["1"]
-        assert real == fixture, "tests/policies/data copy drifted from the shared data"
-        return real
-    return fixture
+    return json.loads((PACKAGE_DATA / MUXSERVE_PROFILE).read_text())["llama-7b"]["1"]
 
 
 @pytest.fixture(scope="module")

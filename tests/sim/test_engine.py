@@ -176,9 +176,9 @@ def test_sm_share_slowdowns_match_muxserve_measurements():
     """The engine's contention parameters against MuxServe (LLaMA-7B, A100, MPS caps)."""
     import json
 
-    from sim.traces import data_dir
+    from workloads.data import MUXSERVE_PROFILE, data_file
 
-    table = json.loads((data_dir() / "muxserve_llama_a100_profile.json").read_text())
+    table = json.loads(data_file(MUXSERVE_PROFILE).read_text())
     mux = table["llama-7b"]["1"]
     pf = mux["50"]["1"]["512"]["prefill"] / mux["100"]["1"]["512"]["prefill"]
     dec = mux["50"]["32"]["512"]["decoding"] / mux["100"]["32"]["512"]["decoding"]

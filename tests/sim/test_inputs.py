@@ -9,6 +9,7 @@ import pytest
 
 from sim.scenario import ScenarioError, default_scenario, load_scenario, parse_scenario
 from sim.traces import DATA_DIR_ENV, TraceError, load_trace, replay
+from workloads.data import PACKAGE_DATA, trace_file
 
 SMALL = {
     "name": "t",
@@ -51,19 +52,33 @@ def test_replay_loops_a_trace_shorter_than_the_window():
     assert t.max() > 3600 and len(t) == pytest.approx(2 * len(code), rel=0.05)
 
 
+def test_bundled_traces_need_no_data_dir(monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    load_trace.cache_clear()
+    try:
+        assert trace_file("code").parent == PACKAGE_DATA
+        assert len(load_trace("code")) == 8819
+    finally:
+        load_trace.cache_clear()
+
+
 def test_data_dir_override_and_bad_files(tmp_path: Path, monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     load_trace.cache_clear()
     try:
         with pytest.raises(TraceError, match=DATA_DIR_ENV):
             load_trace("code")
+        (tmp_path / "azure_llm_2023_code.csv").write_text(
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,5,3\n"
+        )
+        assert len(load_trace("code")) == 1  # read from the override, not the bundled copy
         bad = tmp_path / "bad.csv"
         bad.write_text("time,in,out\n1,2,3\n")
-        with pytest.raises(TraceError, match="header must be"):
+        with pytest.raises(TraceError, match="missing column"):
             load_trace(str(bad))
         worse = tmp_path / "worse.csv"
         worse.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,abc,3\n")
-        with pytest.raises(TraceError, match="line 2"):
+        with pytest.raises(TraceError, match="line 2, column 2"):
             load_trace(str(worse))
     finally:
         load_trace.cache_clear()
@@ -114,7 +129,7 @@ def test_validation_errors_name_the_field():
     msg = _bad(lambda r: r.update(policies=["fastest"]))
     assert "policies.0" in msg
     msg = _bad(lambda r: r["services"][0].update(trace="nope.csv"))
-    assert "services[0].trace" in msg
+    assert "services[0].trace" in msg and "not found" in msg
     msg = _bad(lambda r: r.update(extender={"policy": {"overcommit": 9}}))
     assert "extender" in msg and "overcommit" in msg
 
@@ -148,3 +163,34 @@ def test_trace_paths_in_a_scenario_file_are_relative_to_it(tmp_path: Path):
     wl = build_workload(s)
     assert set(wl.prompt.tolist()) == {100, 200, 300}
     assert len(wl) == 80  # looped: one request per 1.5 s over 120 s
+
+
+def test_a_malformed_trace_row_is_reported_when_the_scenario_loads(tmp_path: Path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text(
+        '{"timestamp": 0, "input_length": 10, "output_length": 2}\n'
+        '{"timestamp": 5, "input_length": "ten", "output_length": 2}\n'
+    )
+    msg = _bad(lambda r: r["services"][0].update(trace=str(bad)))
+    assert "services[0].trace" in msg
+    assert f"{bad}, line 2, column 'input_length'" in msg and "not a whole number" in msg
+
+
+def test_with_trace_replays_one_file_in_every_service(tmp_path: Path):
+    from sim.scenario import with_trace
+    from sim.workload import build_workload
+
+    f = tmp_path / "my traffic.jsonl"
+    f.write_text(
+        "".join(
+            f'{{"timestamp": {i * 500}, "input_length": 9000, "output_length": 300}}\n'
+            for i in range(20)
+        )
+    )
+    base = parse_scenario({**SMALL, "services": [SMALL["services"][0], {
+        **SMALL["services"][0], "name": "s2", "trace": "code"}]})
+    s = with_trace(base, f)
+    assert s.name == "t-my-traffic"
+    assert {svc.trace for svc in s.services} == {str(f.resolve())}
+    wl = build_workload(s)
+    assert set(wl.prompt.tolist()) == {9000} and set(wl.output.tolist()) == {300}

@@ -17,7 +17,7 @@ from workloads.trace import (
     WORDS,
     TraceError,
     TraceRequest,
-    load_azure_trace,
+    load_trace_file,
     shape_trace,
     synth_prompt,
 )
@@ -26,13 +26,13 @@ TRACE = Path(__file__).parent / "data" / "azure_conv_first20.csv"
 
 
 def test_azure_trace_is_read_with_relative_arrivals() -> None:
-    reqs = load_azure_trace(TRACE)
+    reqs = load_trace_file(TRACE)
     assert len(reqs) == 20
     assert reqs[0] == TraceRequest(0.0, 374, 44)
     # 18:15:46.6805900 -> 18:15:50.9951690 (7 fractional digits in the file)
     assert reqs[1].at_s == pytest.approx(4.314579, abs=1e-6)
     assert all(b.at_s >= a.at_s for a, b in itertools.pairwise(reqs))
-    assert len(load_azure_trace(TRACE, limit=5)) == 5
+    assert len(load_trace_file(TRACE, limit=5)) == 5
 
 
 def test_shaping_scales_time_and_tokens() -> None:
@@ -47,7 +47,7 @@ def test_shaping_scales_time_and_tokens() -> None:
     ("content", "fragment"),
     [
         ("a,b,c\n1,2,3\n", "missing column"),
-        ("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,2\n", ":2: TIMESTAMP"),
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,2\n", "line 2, column 1 .TIMESTAMP"),
         ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,x,2\n", "ContextTokens"),
         ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,-4,2\n", "negative"),
         (
@@ -62,12 +62,12 @@ def test_bad_traces_name_the_problem(tmp_path: Path, content: str, fragment: str
     p = tmp_path / "t.csv"
     p.write_text(content)
     with pytest.raises(TraceError, match=fragment):
-        load_azure_trace(p)
+        load_trace_file(p)
 
 
 def test_missing_trace_file(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="cannot read trace"):
-        load_azure_trace(tmp_path / "nope.csv")
+        load_trace_file(tmp_path / "nope.csv")
 
 
 @pytest.mark.parametrize("kw", [{"speedup": 0}, {"prompt_scale": -1}, {"max_prompt_tokens": 0}])
@@ -101,7 +101,7 @@ def stub() -> ServerThread:
 
 
 def test_replay_against_a_stub_measures_everything(stub: ServerThread) -> None:
-    trace = shape_trace(load_azure_trace(TRACE, limit=8), speedup=20, max_output_tokens=6)
+    trace = shape_trace(load_trace_file(TRACE, limit=8), speedup=20, max_output_tokens=6)
     done = []
     report, results = replay(trace, ReplayConfig(url=stub.url), on_done=done.append)
     assert report.requests == 8 and report.ok == 8 and report.errors == 0
