@@ -47,8 +47,9 @@ _FLOAT_FIELDS = (
     "burst_sum",
     "decode_caps",
     "typical_sm",
+    "gpu_mem",
 )
-_INT_FIELDS = ("type_id", "npods", "index")
+_INT_FIELDS = ("type_id", "npods", "index", "gpu_pods")
 _BOOL_FIELDS = ("active", "healthy", "tel_tensor", "mps")
 _DEFAULTS = {"tel_t": -np.inf, "tol_x": np.inf, "tol_y": np.inf, "mem_cap": 1.0}
 # Roles that may be provisioned for bursts (declaring a typical demand below their load)
@@ -191,6 +192,10 @@ class ClusterView:
         self.layout_version = 0  # bumped when nodes/units are added or removed
         self._primary_rows: tuple[int, dict[str, int]] | None = None
         self._scratch: dict[str, np.ndarray] = {}
+        # slot -> the slots of every unit on the same physical GPU (itself for a whole GPU):
+        # GPU-hours are counted per physical GPU, so decisions need its occupancy
+        self._gpu_slots: dict[Slot, tuple[Slot, ...]] = {}
+        self.max_gpu_mem = 0.0  # largest physical GPU in the view (bytes)
 
     # -- storage ---------------------------------------------------------------------------
     def _new_array(self, f: str, rows: int) -> np.ndarray:
@@ -290,6 +295,7 @@ class ClusterView:
         saved: dict[str, dict[str, Any]] = {}
         for uuid in node.uuids:
             slot = self._uuid_slot.pop(uuid)
+            self._gpu_slots.pop(slot, None)
             if uuid in wanted:
                 saved[uuid] = {
                     f: getattr(self, f)[slot] for f in (*_FLOAT_FIELDS, "npods", "tel_tensor")
@@ -344,6 +350,7 @@ class ClusterView:
             self.healthy[slot] = bool(u.healthy)
             self.index[slot] = u.index
             self._recompute(slot)
+        self._index_gpus(node)
         for key in list(self._pending):
             rec = self._pending[key]
             slot = self._uuid_slot.get(rec.uuid)
@@ -353,6 +360,23 @@ class ClusterView:
         self.layout_version += 1
         self.version += 1
         return dropped
+
+    def _index_gpus(self, node: _Node) -> None:
+        """Group the node's units by physical GPU (inventory `index`, shared by MIG siblings)
+        and set each unit's GPU memory and GPU pod count."""
+        by_gpu: dict[int, list[Slot]] = {}
+        for slot in self._slots_of(node):
+            self._gpu_slots.pop(slot, None)
+            by_gpu.setdefault(int(self.index[slot]), []).append(slot)
+        for slots in by_gpu.values():
+            group = tuple(slots)
+            mem = float(sum(self.mem_cap[s] for s in group))
+            pods = int(sum(self.npods[s] for s in group))
+            for s in group:
+                self._gpu_slots[s] = group
+                self.gpu_mem[s] = mem
+                self.gpu_pods[s] = pods
+            self.max_gpu_mem = max(self.max_gpu_mem, mem)
 
     def _slots_of(self, node: _Node) -> list[Slot]:
         return [self._uuid_slot[u] for u in node.uuids if u in self._uuid_slot]
@@ -378,6 +402,7 @@ class ClusterView:
             if slot is not None:
                 self.slot_uuid.pop(slot, None)
                 self.slot_unit.pop(slot, None)
+                self._gpu_slots.pop(slot, None)
             dropped.extend(self._drop_pods_of(uuid))
         for row in node.rows:
             self._clear_row(row)
@@ -518,7 +543,11 @@ class ClusterView:
         self.tol_x[slot], self.tol_y[slot] = tx, ty
         self.burst_sm[slot], self.burst_sum[slot] = burst, burst_sum
         self.decode_caps[slot], self.typical_sm[slot] = caps, typical
+        delta = len(pods) - int(self.npods[slot])
         self.npods[slot] = len(pods)
+        if delta:
+            for s in self._gpu_slots.get(slot, (slot,)):
+                self.gpu_pods[s] += delta
 
     def set_assumed_window(self, seconds: float) -> None:
         """Pods placed less than `seconds` before a unit's latest telemetry count as not yet

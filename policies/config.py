@@ -31,7 +31,12 @@ class PolicyConfig:
       best-fit norm; 0 = plain vector best-fit.
     separate_bursty_replicas: complementary only: a burst-provisioned pod (declared sm below
       what its load needs) never shares a unit with a burst-provisioned replica of the same
-      workload (same controller owner): they get the same traffic, so their bursts coincide."""
+      workload (same controller owner): they get the same traffic, so their bursts coincide.
+    consolidate: complementary only: a unit on a physical GPU that already holds pods always
+      beats one on an idle GPU, and among idle GPUs the largest goes first. GPU-hours are
+      counted per physical GPU, so opening one is the cost that matters; best-fit alone would
+      open a small GPU rather than join a large, partly used one whose relative residual is
+      bigger (vector best-fit normalises each unit to its own size)."""
 
     policy: str = "complementary"
     overcommit: float = 0.0
@@ -43,6 +48,7 @@ class PolicyConfig:
     prefill_min_share: float = 0.1
     fragmentation_weight: float = 1.0
     separate_bursty_replicas: bool = True
+    consolidate: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

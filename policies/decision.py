@@ -29,6 +29,22 @@ from policies.share import sm_share, sm_share_fraction
 
 _EPS = 1e-9
 _SQRT3 = math.sqrt(3.0)
+# consolidate: a unit on an idle GPU scores below every unit on a GPU in use (whose -|h|^2 is
+# above -(2 (1 + w) + 1) for fragmentation weights w <= 10), then by the GPU's size.
+_OPEN_PENALTY = 32.0
+_OPEN_FIT_WEIGHT = 0.1  # best-fit among idle GPUs of one size, below the size term
+
+
+def unit_scores(nb: np.ndarray) -> np.ndarray:
+    """complementary's continuous unit score (decide()'s -|h|^2, with the consolidation
+    tiers) mapped to 0..1: a GPU in use 0.5..1 by best fit, an idle GPU 0..0.45 by its size
+    (the largest near 0.45), so kube-scheduler's 0..10 node scores keep the order."""
+    used = nb > -_OPEN_PENALTY
+    fit_used = 1.0 - np.sqrt(np.maximum(0.0, -nb)) / _SQRT3
+    idle = np.maximum(0.0, -nb - _OPEN_PENALTY)  # (1 - size ratio) + 0.1 |h|^2: 0 .. ~1.5
+    return np.where(
+        used, 0.5 + 0.5 * np.clip(fit_used, 0.0, 1.0), 0.45 * np.clip(1.0 - idle / 1.5, 0.0, 1.0)
+    )
 _UNKNOWN = -1
 
 
@@ -223,7 +239,9 @@ class Decision:
         nb = self.node_best
         fin = np.isfinite(nb)
         out = np.zeros(len(nb), dtype=np.int64)
-        if self.config.policy == "complementary":
+        if self.config.policy == "complementary" and self.config.consolidate:
+            unit_score = unit_scores(nb[fin])
+        elif self.config.policy == "complementary":
             unit_score = 1.0 - np.sqrt(np.maximum(0.0, -nb[fin])) / _SQRT3
         else:
             unit_score = nb[fin]
@@ -515,6 +533,8 @@ class Decision:
     def unit_score_of_row(self, row: int) -> float:
         v = float(self.node_best[row])
         if self.config.policy == "complementary" and math.isfinite(v):
+            if self.config.consolidate:
+                return float(unit_scores(np.array([v]))[0])
             return 1.0 - math.sqrt(max(0.0, -v)) / _SQRT3
         return v
 
@@ -725,6 +745,15 @@ def decide(
         np.multiply(tmp, tmp, out=tmp)
         score += tmp
         np.negative(score, out=score)
+        if config.consolidate:
+            sel = slice(None, r) if cols is None else cols
+            idle = np.equal(view.gpu_pods[:, sel], 0)
+            if idle.any():
+                # score = -(OPEN + (1 - gpu_mem / largest) + 0.1 |h|^2) on idle GPUs
+                small = np.divide(view.gpu_mem[:, sel], max(view.max_gpu_mem, 1.0))
+                np.subtract(1.0 + _OPEN_PENALTY, small, out=small)
+                small -= _OPEN_FIT_WEIGHT * score
+                np.putmask(score, idle, -small)
     elif policy == "binpack":  # HAMi/gpushare binpack: fullest memory first
         np.divide(msum, mem_cap, out=score)
     else:  # spread / dedicated: every free unit of a node is as good as another

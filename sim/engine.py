@@ -507,8 +507,10 @@ class Engine:
         active = np.minimum(
             np.bincount(u, weights=p.busy[serving] * p.kernel[serving], minlength=nu), 1.0
         )
-        flops = float(np.sum(w * sm_use * self.unit_flops[u]))
-        bps = float(np.sum(w * bw_use * self.unit_bw[u]))
+        # What the lower bound sees: no unit delivers more than its peak, whatever the
+        # contention model's rounding lets a step's work add up to.
+        flops = float(np.sum(tensor * self.unit_flops))
+        bps = float(np.sum(dram * self.unit_bw))
         return StepActivity(tensor, dram, active, flops, bps)
 
     def pending_requests(self) -> int:

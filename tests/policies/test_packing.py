@@ -16,6 +16,8 @@ GiB = 2**30
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 H200 = "NVIDIA H200"
 NOW = 1000.0
+# the fragmentation term alone, between idle GPUs (consolidation would pick by size first)
+BEST_FIT = PolicyConfig(consolidate=False)
 
 
 def put(v: ClusterView, dm: DemandModel, r: PodRequest, uuid: str) -> None:
@@ -36,10 +38,11 @@ def test_big_pod_goes_where_its_leftover_can_still_be_used(demand_model: DemandM
     r = big("p")  # nothing placed: only the pod itself says what is "small"
     # leftover on the H100 (~10 GiB) fits no pod the cluster runs (the smallest is 70 GiB):
     # its SMs and bandwidth would be stranded; on the H200 another such pod still fits
-    d = decide(v, r, None, NOW, PolicyConfig(), demand_model)
+    d = decide(v, r, None, NOW, BEST_FIT, demand_model)
     assert d.chosen == ("h200", "GPU-h200-0"), d.explain()
     # plain best-fit (weight 0) takes the tighter H100
-    d0 = decide(v, r, None, NOW, PolicyConfig(fragmentation_weight=0.0), demand_model)
+    plain = PolicyConfig(fragmentation_weight=0.0, consolidate=False)
+    d0 = decide(v, r, None, NOW, plain, demand_model)
     assert d0.chosen == ("h100", "GPU-h100-0"), d0.explain()
 
 
@@ -52,11 +55,11 @@ def test_smallest_pod_in_the_cluster_decides_what_is_stranded(demand_model: Dema
     put(v, demand_model, tiny, "GPU-other-0")
     assert v.min_pod_mem_bytes == 4 * GiB
     # a 4 GiB pod fits in the H100's leftover: nothing is stranded, best-fit picks the H100
-    d = decide(v, big("p"), ["h100", "h200"], NOW, PolicyConfig(), demand_model)
+    d = decide(v, big("p"), ["h100", "h200"], NOW, BEST_FIT, demand_model)
     assert d.chosen == ("h100", "GPU-h100-0"), d.explain()
     v.unplace("ns/tiny")
     assert v.min_pod_mem_bytes is None
-    d = decide(v, big("p"), ["h100", "h200"], NOW, PolicyConfig(), demand_model)
+    d = decide(v, big("p"), ["h100", "h200"], NOW, BEST_FIT, demand_model)
     assert d.chosen == ("h200", "GPU-h200-0"), d.explain()
 
 
@@ -183,3 +186,40 @@ def test_typical_load_must_be_served_beside_decode_caps(demand_model: DemandMode
     dec = PodRequest("ns", "d9", role="decode", demand=DemandOverride(0.05, 0.1, 10 * GiB))
     d = decide(v, dec, ["a"], NOW, cfg, demand_model)
     assert d.chosen is None, d.explain()
+
+
+def test_consolidate_joins_a_gpu_in_use_before_opening_one(demand_model: DemandModel) -> None:
+    v = ClusterView()
+    v.set_node("h100", [whole_gpu("h100", 0), whole_gpu("h100", 1)])
+    v.set_node("h200", [whole_gpu("h200", 0, product=H200)])
+    small = PodRequest("ns", "s", role="decode", demand=DemandOverride(0.1, 0.2, 20 * GiB))
+    # nothing in use: the largest GPU opens first (best-fit alone takes an H100)
+    d = decide(v, small, None, NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("h200", "GPU-h200-0"), d.explain()
+    assert decide(v, small, None, NOW, BEST_FIT, demand_model).chosen[0] == "h100"
+    put(v, demand_model, PodRequest("ns", "a", role="prefill",
+                                    demand=DemandOverride(0.3, 0.1, 50 * GiB)), "GPU-h100-1")
+    # a GPU in use with room beats an idle one, even when best-fit prefers the idle GPU's
+    # tighter residual
+    d = decide(v, small, None, NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("h100", "GPU-h100-1"), d.explain()
+    assert d.scores["h100"] > d.scores["h200"] >= 1
+    assert 0.5 <= d.unit_score_of_row(d.chosen_row) <= 1.0
+
+
+def test_consolidate_counts_mig_siblings_as_one_gpu(demand_model: DemandModel) -> None:
+    from tests.policies.conftest import mig_unit
+
+    v = ClusterView()
+    v.set_node("mig", [mig_unit("mig", 0, 0, "3g.40gb"), mig_unit("mig", 0, 1, "3g.40gb")])
+    v.set_node("h100", [whole_gpu("h100", 0)])
+    assert v.gpu_mem[v.slot_of("MIG-mig-0-0")] == v.gpu_mem[v.slot_of("MIG-mig-0-1")]
+    pod = PodRequest("ns", "x", role="decode", demand=DemandOverride(0.1, 0.1, 35 * GiB))
+    put(v, demand_model, pod, "MIG-mig-0-0")  # its own instance is then full
+    assert v.gpu_pods[v.slot_of("MIG-mig-0-1")] == 1  # the sibling's GPU is in use
+    d = decide(v, PodRequest("ns", "y", role="decode", demand=DemandOverride(0.1, 0.1, 10 * GiB)),
+               None, NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("mig", "MIG-mig-0-1"), d.explain()
+    assert d.scores["mig"] >= 5 > d.scores["h100"]
+    v.unplace("ns/x")
+    assert v.gpu_pods[v.slot_of("MIG-mig-0-1")] == 0

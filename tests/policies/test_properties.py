@@ -60,6 +60,7 @@ config_spec = st.builds(
     overcommit=st.sampled_from((0.0, 0.0, 0.1, 0.5)),
     max_pods_per_unit=st.integers(1, 4),
     fragmentation_weight=st.sampled_from((0.0, 1.0, 1.0, 3.0)),
+    consolidate=st.booleans(),
 )
 
 
@@ -111,6 +112,15 @@ def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tup
             if d.mem_bytes > 0 and (cfg.policy == "binpack" or max(d.sm, d.bw) <= bound):
                 sizes.append(d.mem_bytes)
     small = min(sizes) if sizes else math.inf
+    # physical GPUs (MIG siblings share the inventory index): pods on each, its memory
+    gpu_pods: dict[tuple[str, int], int] = {}
+    gpu_mem: dict[tuple[str, int], float] = {}
+    for name in v.node_names:
+        for uuid in v.units_of(name):
+            g = (name, v.unit(uuid).index)
+            gpu_pods[g] = gpu_pods.get(g, 0) + v.unit_load(uuid, NOW, cfg.stale_after_s)["pods"]
+            gpu_mem[g] = gpu_mem.get(g, 0.0) + float(v.unit(uuid).memory_bytes)
+    largest = max(gpu_mem.values(), default=1.0)
     for name in v.node_names:
         uuids = v.units_of(name)
         free = total = 0
@@ -143,7 +153,12 @@ def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tup
                 closed = ld["pods"] + 1 >= cfg.max_pods_per_unit or cap - lmem - d.mem_bytes < small
                 if closed:
                     stranded *= 1 + cfg.fragmentation_weight
-                s = 1 - math.sqrt(stranded + r3 * r3) / math.sqrt(3)
+                h2 = stranded + r3 * r3
+                g = (name, v.unit(uuid).index)
+                if cfg.consolidate and gpu_pods[g] == 0:  # after every GPU in use; largest first
+                    s = -(32.0 + 1.0 - gpu_mem[g] / largest + 0.1 * h2)
+                else:
+                    s = -h2
             elif cfg.policy == "binpack":
                 s = (lmem + d.mem_bytes) / cap
             else:
@@ -161,6 +176,17 @@ def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tup
     return out
 
 
+def shown(score: float, cfg: PolicyConfig) -> float:
+    """The 0..1 unit score behind kube-scheduler's 0..10, from the reference's ordering key."""
+    if cfg.policy != "complementary":
+        return score
+    if not cfg.consolidate:
+        return 1 - math.sqrt(-score) / math.sqrt(3)
+    if score > -32.0:  # a GPU in use: 0.5..1 by best fit
+        return 0.5 + 0.5 * min(1.0, max(0.0, 1 - math.sqrt(-score) / math.sqrt(3)))
+    return 0.45 * min(1.0, max(0.0, 1 - (-score - 32.0) / 1.5))  # an idle GPU, by size
+
+
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(cluster=cluster_spec, pod=pod_spec, cfg=config_spec)
 def test_matches_reference_and_respects_bounds(cluster, pod, cfg) -> None:
@@ -173,7 +199,7 @@ def test_matches_reference_and_respects_bounds(cluster, pod, cfg) -> None:
     assert set(d.failed_nodes) == set(v.node_names) - set(ref)
     for node, score in d.scores.items():
         assert isinstance(score, int) and 0 <= score <= 10
-        assert score == min(10, max(0, round(10 * ref[node][0])))
+        assert score == min(10, max(0, round(10 * shown(ref[node][0], cfg))))
         assert d.best_unit[node] == ref[node][1]
     if d.chosen is None:
         assert not ref
