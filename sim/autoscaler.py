@@ -30,6 +30,8 @@ class Observed:
     output_mean: float
     prefill_load: float  # reference-GPU seconds of prefill work per second
     prefill_peak: float = 0.0  # the same over the interval's busiest TTFT-long window
+    # output tokens per second over the interval's busiest window of one decode lifetime
+    decode_peak: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,12 @@ class Planner:
         self._pred: list[Observed | None] = [None] * len(services)
         self._lower_streak = [[0, 0] for _ in services]
         self._peaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
+        self._dpeaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
         self._bursts = list(bursts) if bursts is not None else [0.0] * len(services)
 
     def _predict(self, i: int, obs: Observed) -> Observed:
         self._peaks[i].append(obs.prefill_peak)
+        self._dpeaks[i].append(obs.decode_peak)
         prev = self._pred[i]
         if prev is None:
             pred = Observed(
@@ -72,6 +76,7 @@ class Planner:
                 obs.output_mean,
                 obs.prefill_load,
                 max(obs.prefill_peak, self._bursts[i]),
+                obs.decode_peak,
             )
         else:
             a = self.spec.smoothing
@@ -90,6 +95,7 @@ class Planner:
                 prefill_load=max(ew.prefill_load, obs.prefill_load),
                 # Bursts recur: remember the worst of the last few intervals.
                 prefill_peak=max(max(self._peaks[i]), self._bursts[i]),
+                decode_peak=max(self._dpeaks[i]),
             )
         self._pred[i] = pred
         return pred
@@ -108,7 +114,15 @@ class Planner:
             )
             ctx = max(pred.prompt_mean, 1.0) + max(pred.output_mean, 1.0) / 2
             cap = max(self._decode_cap(i, ctx), 1e-9)
-            want_dc = math.ceil(pred.rps * pred.output_mean / (cap * u) - 1e-9)
+            # Decode the same way: the mean at the target utilization, and the busiest
+            # decode lifetime's tokens, which are in flight together.
+            want_dc = math.ceil(
+                max(
+                    pred.rps * pred.output_mean / (cap * u),
+                    pred.decode_peak / (cap * self.spec.peak_utilization),
+                )
+                - 1e-9
+            )
             want_pf = min(max(want_pf, svc.min_prefill), svc.max_pods)
             want_dc = min(max(want_dc, svc.min_decode), svc.max_pods)
             cur_pf, cur_dc = current[i]

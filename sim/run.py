@@ -153,6 +153,8 @@ def _observe(
     wsum = np.bincount(svc, weights=ref_work[a:b], minlength=n_services)
     arr, rw = wl.arrival[a:b], ref_work[a:b]
     peaks = np.zeros(n_services)
+    dpeaks = np.zeros(n_services)
+    out_tok = wl.output[a:b]
     for i in range(n_services):
         mine = svc == i
         if not mine.any():
@@ -160,6 +162,11 @@ def _observe(
         w = float(wl.ttft_slo[i])  # a burst must clear within one TTFT target
         win = ((arr[mine] - t0) // w).astype(np.int64)
         peaks[i] = np.bincount(win, weights=rw[mine]).max() / w
+        # Decode: a sequence holds its batch slot (and KV) for its whole output, so a burst
+        # of arrivals is in flight together for about one mean output at the TPOT target.
+        life = max(1.0, float(out_tok[mine].mean()) * float(wl.tpot_slo[i]))
+        dwin = ((arr[mine] - t0) // life).astype(np.int64)
+        dpeaks[i] = np.bincount(dwin, weights=out_tok[mine]).max() / life
     out = []
     for i in range(n_services):
         c = counts[i]
@@ -170,6 +177,7 @@ def _observe(
                 output_mean=osum[i] / c if c else 0.0,
                 prefill_load=wsum[i] / span,
                 prefill_peak=float(peaks[i]),
+                decode_peak=float(dpeaks[i]),
             )
         )
     return out

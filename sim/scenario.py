@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 POLICIES: tuple[str, ...] = ("dedicated", "spread", "binpack", "complementary")
 DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "default.yaml"
 LARGE_SCENARIO = Path(__file__).parent / "scenarios" / "large.yaml"
+LONG_SCENARIO = Path(__file__).parent / "scenarios" / "long.yaml"
 
 
 class ScenarioError(ValueError):
@@ -72,6 +73,12 @@ class ServiceSpec(_Strict):
     rate: float = Field(default=1.0, gt=0, le=1000, description="arrival-rate multiplier")
     time_scale: float = Field(default=1.0, gt=0, le=1000)
     offset_s: float = Field(default=0.0, ge=0)
+    # Lengths of the trace's requests scaled (e.g. a long-prompt mix from the same arrival
+    # process); `max_prompt_tokens` is the longest prompt the service admits (its context
+    # limit): longer ones are cut to it, as a client truncating to the model's window would.
+    prompt_scale: float = Field(default=1.0, gt=0, le=100)
+    output_scale: float = Field(default=1.0, gt=0, le=100)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
     slo: Slo
     min_prefill: int = Field(default=1, ge=1)
     min_decode: int = Field(default=1, ge=1)

@@ -41,6 +41,10 @@ def build_workload(scenario: Scenario) -> Workload:
             offset_s=svc.offset_s,
             rng=sub,
         )
+        p = np.maximum(1, np.rint(p * svc.prompt_scale)).astype(np.int64)
+        o = np.maximum(1, np.rint(o * svc.output_scale)).astype(np.int64)
+        if svc.max_prompt_tokens is not None:
+            p = np.minimum(p, svc.max_prompt_tokens)
         ts.append(t)
         ps.append(p)
         os_.append(o)

@@ -194,3 +194,29 @@ def test_with_trace_replays_one_file_in_every_service(tmp_path: Path):
     assert {svc.trace for svc in s.services} == {str(f.resolve())}
     wl = build_workload(s)
     assert set(wl.prompt.tolist()) == {9000} and set(wl.output.tolist()) == {300}
+
+
+def test_length_scales_and_the_prompt_cap_shape_a_service_s_requests():
+    from sim.workload import build_workload
+
+    raw = {**SMALL, "services": [{**SMALL["services"][0]}]}
+    base = build_workload(parse_scenario(raw))
+    svc = {**SMALL["services"][0], "prompt_scale": 10, "output_scale": 2, "max_prompt_tokens": 9000}
+    long = build_workload(parse_scenario({**SMALL, "services": [svc]}))
+    # the same arrivals, longer requests, none over the cap
+    assert np.array_equal(base.arrival, long.arrival)
+    want = np.minimum(np.maximum(1, np.rint(base.prompt * 10)), 9000)
+    assert np.array_equal(long.prompt, want) and long.prompt.max() == 9000
+    assert np.array_equal(long.output, np.maximum(1, np.rint(base.output * 2)))
+    with pytest.raises(ScenarioError, match="prompt_scale"):
+        parse_scenario({**SMALL, "services": [{**svc, "prompt_scale": 0}]})
+
+
+def test_the_long_prompt_scenario_is_embedded_and_long():
+    from sim.scenario import LONG_SCENARIO
+    from sim.workload import build_workload
+
+    s = load_scenario(LONG_SCENARIO)
+    wl = build_workload(s)
+    assert 8000 <= wl.prompt.mean() <= 16000
+    assert len(s.services) < len(default_scenario().services)
