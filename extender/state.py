@@ -27,6 +27,7 @@ from typing import Any
 from policies.annotations import AnnotationError, pod_request_from_k8s, requests_gpu
 from policies.cluster_view import ClusterView
 from policies.config import PolicyConfig
+from policies.draining import DRAINING_ANNOTATION, DrainingError, parse_draining
 from policies.inventory import (
     AGENT_ANNOTATION,
     ASSIGNED_AT_ANNOTATION,
@@ -72,6 +73,13 @@ class NodeInfo:
     has_inventory: bool = False
     unit_count: int = 0
     unhealthy_units: int = 0  # per the inventory annotation
+    # copack.io/draining: units the rebalancer is emptying, unavailable until `draining_until`
+    draining: frozenset = frozenset()
+    draining_until: float = -math.inf
+    draining_error: str | None = None
+
+    def is_draining(self, uuid: str, now: float) -> bool:
+        return now < self.draining_until and uuid in self.draining
 
 
 @dataclass(slots=True)
@@ -265,9 +273,10 @@ class ClusterState:
         labels = meta.get("labels") or {}
         inv_text = ann.get(INVENTORY_ANNOTATION)
         agent_text = ann.get(AGENT_ANNOTATION)
+        drain_text = ann.get(DRAINING_ANNOTATION)
         mps = str(labels.get(SHARING_KEY, ann.get(SHARING_KEY, ""))).lower() == "mps"
         signature = (
-            hash(inv_text), agent_text, mps, hash(tuple(sorted(labels.items())))
+            hash(inv_text), agent_text, mps, hash(tuple(sorted(labels.items()))), drain_text
         )
         with self.lock:
             info = self.nodes.get(name)
@@ -286,6 +295,20 @@ class ClusterState:
                     info.inventory_error = str(e)
             info.unit_count = len(units)
             info.unhealthy_units = sum(1 for u in units if not u.healthy)
+            try:
+                info.draining, info.draining_until = parse_draining(drain_text)
+                info.draining_error = None
+            except DrainingError as e:  # a bad drain note must not take the node out
+                info.draining, info.draining_until = frozenset(), -math.inf
+                info.draining_error = str(e)
+            if info.draining:
+                now = self.now()
+                units = tuple(
+                    _compact(InventoryUnit(**{**u.__dict__, "healthy": False}))
+                    if info.is_draining(u.uuid, now)
+                    else u
+                    for u in units
+                )
             problem = self._node_problem(info)
             if problem is None:
                 self.problem_nodes.pop(name, None)
@@ -578,13 +601,15 @@ class ClusterState:
             t.snapshots += 1
             t.last_error = None
             unknown = unhealthy = recorded = 0
+            info = self.nodes.get(node_name)
             sources = set()
             for u in snapshot.units:
                 lag = max(0.0, snapshot.timestamp - u.timestamp) if u.timestamp > 0 else 0.0
                 if self.view.unit_type(u.uuid) is None:
                     unknown += 1
                     continue
-                self.view.set_unit_health(u.uuid, bool(u.healthy))
+                draining = info is not None and info.is_draining(u.uuid, now)
+                self.view.set_unit_health(u.uuid, bool(u.healthy) and not draining)
                 if not u.healthy:
                     unhealthy += 1
                     continue

@@ -198,6 +198,36 @@ class Engine:
         if pid in lst:
             lst.remove(pid)
 
+    def in_flight(self, pid: int) -> int:
+        """Requests the pod holds now (what evicting it puts at risk)."""
+        if self.p.role[pid] == PREFILL:
+            return int(np.count_nonzero(self.pf_pod == pid))
+        return int(self.p.active[pid])
+
+    def kill(self, pid: int) -> int:
+        """The pod's grace period is over: what it still holds is lost (those requests never
+        finish, so they count as SLO misses). Returns how many."""
+        p = self.p
+        self._unlist(pid)
+        lost = 0
+        if len(self.pf_req):
+            gone = self.pf_pod == pid
+            lost += int(gone.sum())
+            keep = ~gone
+            self.pf_req, self.pf_pod = self.pf_req[keep], self.pf_pod[keep]
+            self.pf_mark, self.pf_work = self.pf_mark[keep], self.pf_work[keep]
+        if len(self.dc_req):
+            gone = self.dc_pod == pid
+            lost += int(gone.sum())
+            keep = ~gone
+            self.dc_req, self.dc_pod = self.dc_req[keep], self.dc_pod[keep]
+            self.dc_mark, self.dc_base = self.dc_mark[keep], self.dc_base[keep]
+        p.active[pid] = 0
+        p.ctx_base[pid] = 0.0
+        p.arrived[pid] = p.done[pid]
+        p.state[pid] = ST_GONE
+        return lost
+
     def drained(self) -> list[int]:
         """Draining pods with nothing left to do (the orchestrator deletes them)."""
         p = self.p

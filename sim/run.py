@@ -31,6 +31,7 @@ from sim.harness import ExtenderHarness
 from sim.kube import KubeScheduler
 from sim.perf import PerfTables, core_unit_type
 from sim.pods import NAMESPACE, make_pod
+from sim.rebalance import SimRebalancer
 from sim.scenario import Scenario
 from sim.telemetry import TelemetryAgent
 from sim.workload import Workload
@@ -245,6 +246,17 @@ def run_policy(
         scenario.autoscaler, services, deploy.decode_capacity, deploy.bursts(workload, ref_work)
     )
     telemetry = TelemetryAgent(cluster, scenario.telemetry_interval_s, scenario.step_s)
+    rebal = None
+    if policy in scenario.rebalancer.policies:
+        rebal = SimRebalancer(
+            scenario.rebalancer,
+            harness,
+            cluster.nodes,
+            EPOCH,
+            scenario.autoscaler.startup_s,
+            engine.in_flight,
+        )
+    targets: list[Any] = [None] * ns
 
     unit_gpu = np.array([cluster.gpu_uuids.index(u.gpu_uuid) for u in cluster.units])
     unit_sm_frac = np.array([u.type.sm_fraction for u in cluster.units])
@@ -381,6 +393,20 @@ def run_policy(
         max_pods_unit = max(max_pods_unit, int(unit_pods[unit.index]))
         refresh_use()
 
+    def evict(rec: PodRecord, reason: str, t: float) -> PodRecord:
+        """The Eviction API's effect: the pod terminates, its ReplicaSet replaces it now."""
+        live[rec.service][rec.role].remove(rec)
+        rec.state, rec.last_reason = "draining", reason
+        engine.drain(rec.pid)
+        create(rec.service, rec.role, t, targets[rec.service])
+        return live[rec.service][rec.role][-1]
+
+    def kill(rec: PodRecord, t: float) -> int:
+        lost = engine.kill(rec.pid)
+        by_pid.pop(rec.pid, None)
+        delete(rec, t)
+        return lost
+
     retry = scenario.scheduler.retry_s
     for k in range(n_steps):
         t = k * dt
@@ -391,6 +417,7 @@ def run_policy(
             observed = _observe(workload, ref_work, ns, lo, hi)
             current = [(len(live[i][0]), len(live[i][1])) for i in range(ns)]
             for i, target in enumerate(planner.plan(observed, current)):
+                targets[i] = target
                 scale(i, PREFILL, target.prefill, t, target)
                 scale(i, DECODE, target.decode, t, target)
             next_plan += interval
@@ -407,6 +434,8 @@ def run_policy(
         for pid in engine.drained():
             rec = by_pid.pop(pid)
             delete(rec, t)
+        if rebal is not None:
+            rebal.tick(t, live, services, evict, kill)
         act = engine.step(t)
         telemetry.record(act)
         # Utilization of the GPUs in use, the lower bound's inputs, the count.
@@ -479,4 +508,5 @@ def run_policy(
         extender_calls=calls,
         wall_s=time.perf_counter() - wall0,
         gpu_count=n_gpus,
+        extra={"rebalancer": rebal.stats} if rebal is not None else {},
     )

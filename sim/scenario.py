@@ -129,6 +129,22 @@ class SchedulerSpec(_Strict):
     pod_memory_gib: int = Field(default=64, ge=1)
 
 
+class RebalancerSpec(_Strict):
+    """copack-rebalancer in the simulator (rebalancer/README.md): its budget and which
+    policies' runs it re-packs (it plans with the extender's own decision core)."""
+
+    policies: list[Literal["dedicated", "spread", "binpack", "complementary"]] = Field(
+        default_factory=lambda: ["complementary"]
+    )
+    interval_s: float = Field(default=60.0, gt=0)
+    evictions_per_minute: int = Field(default=1, ge=0, description="per workload")
+    min_age_s: float = Field(default=300.0, ge=0, description="a pod's warm-up")
+    max_gpus_per_round: int = Field(default=2, ge=0)
+    grace_s: float = Field(default=30.0, ge=0, description="terminationGracePeriodSeconds")
+    # Every service role's PodDisruptionBudget: minAvailable ready pods.
+    pdb_min_available: int = Field(default=1, ge=0)
+
+
 class Scenario(_Strict):
     name: str = Field(min_length=1)
     seed: int = 0
@@ -142,6 +158,7 @@ class Scenario(_Strict):
     services: list[ServiceSpec] = Field(min_length=1)
     autoscaler: AutoscalerSpec = Field(default_factory=AutoscalerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    rebalancer: RebalancerSpec = Field(default_factory=RebalancerSpec)
     # Passed to the extender's config for every policy (policy name set per run).
     extender: dict[str, Any] = Field(default_factory=dict)
     # Per-policy additions to `extender` (deep-merged), e.g. no MPS cap for the baselines.
