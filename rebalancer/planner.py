@@ -173,7 +173,8 @@ def _try_empty(
                 view.set_unit_health(u, h)
             for back in recs:
                 _restore(view, back)
-            return f"{r.key} fits on no other GPU in use"
+            why = "; ".join(f"{n}: {w}" for n, w in sorted(d.failed_nodes.items())[:3])
+            return f"{r.key} fits on no other GPU in use ({why or d.refusal or 'no unit'})"
         view.place(r.key, p.unit, p.demand, now, r.role, p.sm_share, r.request, p.timing)
         w = workload_of(r.key)
         assert w is not None

@@ -60,6 +60,7 @@ class PodRecord:
     bound_t: float = float("nan")
     deleted_t: float = float("nan")
     last_reason: str = ""
+    evicted_t: float = float("nan")  # by the rebalancer (last_reason says why)
 
 
 @dataclass
@@ -396,7 +397,7 @@ def run_policy(
     def evict(rec: PodRecord, reason: str, t: float) -> PodRecord:
         """The Eviction API's effect: the pod terminates, its ReplicaSet replaces it now."""
         live[rec.service][rec.role].remove(rec)
-        rec.state, rec.last_reason = "draining", reason
+        rec.state, rec.last_reason, rec.evicted_t = "draining", reason, t
         engine.drain(rec.pid)
         create(rec.service, rec.role, t, targets[rec.service])
         return live[rec.service][rec.role][-1]

@@ -105,3 +105,34 @@ def test_bad_annotations_on_bound_pods_still_hold_their_unit(api) -> None:
     assert "copack.io/demand" in info.request_error
     assert state.view.unit_of("default/odd") == "GPU-n0-0"  # role-default demand
     assert state.view.pod("default/odd").demand.mem_bytes > 0
+
+
+def test_draining_units_take_no_new_pod_until_the_note_expires_or_goes(api) -> None:
+    from policies.decision import decide
+    from policies.draining import DRAINING_ANNOTATION, format_draining
+
+    clock = Clock()
+    state = _state(clock)
+    from policies.annotations import pod_request_from_k8s
+
+    req = pod_request_from_k8s(copack_pod("new", demand="sm=0.2,bw=0.2,mem=10Gi"))
+
+    def placeable() -> str | None:
+        p = decide(state.view, req, None, clock.t, state.policy, state.demand_model).placement()
+        return None if p is None else p.unit
+
+    note = format_draining(["GPU-n0-0"], until=clock.t + 60)
+    state.upsert_node(api.node(gpu_node("n0", gpu_units("n0", 1), extra_annotations={
+        DRAINING_ANNOTATION: note})))
+    assert state.nodes["n0"].draining == {"GPU-n0-0"} and placeable() is None
+    # the rebalancer clears it: the unit is back
+    state.upsert_node(api.annotate_node("n0", {DRAINING_ANNOTATION: None}))
+    assert placeable() == "GPU-n0-0" and state.nodes["n0"].draining_error is None
+    # a malformed note never takes the node out, and says what is wrong
+    state.upsert_node(api.annotate_node("n0", {DRAINING_ANNOTATION: "[1]"}))
+    assert placeable() == "GPU-n0-0"
+    assert "must be a JSON object" in state.nodes["n0"].draining_error
+    # a note whose time has passed holds nothing
+    state.upsert_node(api.annotate_node("n0", {
+        DRAINING_ANNOTATION: format_draining(["GPU-n0-0"], until=clock.t - 1)}))
+    assert placeable() == "GPU-n0-0"
