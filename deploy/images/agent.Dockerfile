@@ -23,6 +23,7 @@ COPY workloads ./workloads
 COPY extender ./extender
 COPY node_agent ./node_agent
 COPY sim ./sim
+COPY rebalancer ./rebalancer
 RUN python -m pip install --no-deps --no-build-isolation . \
     && python -m pip check \
     && rm -rf /src \

@@ -24,6 +24,7 @@ COPY workloads ./workloads
 COPY extender ./extender
 COPY node_agent ./node_agent
 COPY sim ./sim
+COPY rebalancer ./rebalancer
 # The TLS bootstrap Job (dev overlay) shells out to openssl, which Debian's ca-certificates
 # package brings in: fail the build rather than the Job if that ever changes.
 RUN python -m pip install --no-deps --no-build-isolation . \
