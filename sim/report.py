@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.run import RunResult
+from sim.results import RunResult
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from sim.kube import KubeScheduler
 from sim.perf import PerfTables, core_unit_type
 from sim.pods import NAMESPACE, make_pod
 from sim.rebalance import SimRebalancer
+from sim.results import PodRecord, RunResult
 from sim.scenario import Scenario
 from sim.telemetry import TelemetryAgent
 from sim.workload import Workload
@@ -41,75 +41,6 @@ EPOCH = 1_767_225_600.0  # simulated wall clock at t=0 (2026-01-01T00:00:00Z)
 KV_LINK_BYTES_PER_S = 25e9  # prefill -> decode KV transfer (RDMA / NVLink mix)
 SERIES_EVERY_S = 10.0
 DRAIN_GRACE_S = 300.0  # serve requests still in flight at the end for at most this long
-
-
-@dataclass
-class PodRecord:
-    name: str
-    service: int
-    role: int
-    obj: dict[str, Any]
-    created_t: float
-    next_try_t: float
-    state: str = "pending"  # pending | bound | draining | deleted
-    pid: int = -1
-    node: str = ""
-    unit: int = -1
-    sm_share: float = 1.0
-    mem_bytes: int = 0
-    bound_t: float = float("nan")
-    deleted_t: float = float("nan")
-    last_reason: str = ""
-    evicted_t: float = float("nan")  # by the rebalancer (last_reason says why)
-
-
-@dataclass
-class RunResult:
-    policy: str
-    scenario: str
-    duration_s: float
-    step_s: float
-    requests: Requests
-    ttft_slo: np.ndarray
-    tpot_slo: np.ndarray
-    gpu_seconds: float
-    peak_gpus: int
-    mean_sm: float
-    mean_bw: float
-    gpu_sm: np.ndarray  # per physical GPU, mean over its in-use time (NaN if never used)
-    gpu_bw: np.ndarray
-    series_t: np.ndarray
-    series_gpus: np.ndarray
-    series_lb: np.ndarray
-    lb_gpu_seconds: float
-    pods: list[PodRecord]
-    max_pods_per_unit: int
-    max_unit_mem_frac: float
-    unschedulable_attempts: int
-    extender_calls: dict[str, int]
-    wall_s: float
-    gpu_count: int
-    extra: dict[str, Any] = field(default_factory=dict)
-    # whole pods on whole GPUs (lower_bound.packing_lower_bound): >= the fluid bound
-    packing_lb_gpu_seconds: float = 0.0
-
-    @property
-    def gpu_hours(self) -> float:
-        return self.gpu_seconds / 3600.0
-
-    @property
-    def lb_gpu_hours(self) -> float:
-        return self.lb_gpu_seconds / 3600.0
-
-    @property
-    def packing_lb_gpu_hours(self) -> float:
-        return self.packing_lb_gpu_seconds / 3600.0
-
-    def slo_met(self) -> np.ndarray:
-        r = self.requests
-        svc = r.service
-        ok = (r.ttft <= self.ttft_slo[svc]) & (r.tpot <= self.tpot_slo[svc] + 1e-12)
-        return ok & np.isfinite(r.finish)
 
 
 class SimBinder:
