@@ -5,25 +5,25 @@ debugging endpoints.
 serve` wires the watchers and telemetry around it, and the simulator drives it with a state fed
 by hand and a binder of its own.
 
-Every verb handler reads the raw body itself (no pydantic model on the hot path) and answers
-with orjson bytes. Bad input is an HTTP 400 with `{"Error": "..."}` naming the problem; a state
+The verbs are answered by a bare ASGI layer in front of FastAPI (extender/fast_path.py): raw
+body in, orjson bytes out, no routing or pydantic on the hot path.
+Bad input is an HTTP 400 with `{"Error": "..."}` naming the problem; a state
 that has not synced yet is a 503; nothing a client sends can produce a 500 or kill a worker."""
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from extender.binder import Binder
 from extender.config import ExtenderConfig
+from extender.fast_path import VerbFastPath
 from extender.metrics import ExtenderMetrics
-from extender.protocol import BadRequest, error_body, parse_binding_args, parse_extender_args
+from extender.protocol import error_body
 from extender.scheduling import Scheduler
 from extender.state import ClusterState
 
@@ -34,29 +34,6 @@ JSON = "application/json"
 
 def _json(body: bytes, status: int = 200) -> Response:
     return Response(content=body, status_code=status, media_type=JSON)
-
-
-class _TooLarge(BadRequest):
-    pass
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise BadRequest(f"invalid Content-Length {declared!r}") from None
-        if size > limit:
-            raise _TooLarge(f"request body of {size} bytes exceeds the limit of {limit} bytes")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | None) -> FastAPI:
@@ -73,58 +50,15 @@ def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | Non
     app.state.metrics = metrics
     app.state.cluster = state
 
-    def _not_ready() -> Response | None:
+    def _not_ready() -> bytes | None:
+        """The 503 body for the verbs while they may not be answered, else None."""
         if state.synced:
             return None
-        return _json(error_body("the extender's cluster state has not synced yet"), 503)
+        return error_body("the extender's cluster state has not synced yet")
 
-    def _bad(verb: str, t0: float, e: Exception) -> Response:
-        metrics.observe(verb, time.perf_counter() - t0, "bad_request")
-        return _json(error_body(f"{verb}: {e}"), 400)
-
-    def _unexpected(verb: str, t0: float, e: Exception) -> Response:
-        # Whatever went wrong, the scheduler must get an answer it can act on, not a 500.
-        log.exception("%s failed", verb)
-        metrics.observe(verb, time.perf_counter() - t0, "error")
-        return _json(error_body(f"{verb}: cannot process the request: {type(e).__name__}: {e}"),
-                     400)
-
-    async def _verb(verb: str, request: Request, parse, handle) -> Response:
-        """One envelope for the three verbs: parse, refuse while unsynced, answer 400 (never
-        500) on anything wrong, and time every outcome."""
-        t0 = time.perf_counter()
-        try:
-            args = parse(await _read_body(request, limit))
-            if (r := _not_ready()) is not None:
-                return r
-            body, outcome = await handle(args)
-        except BadRequest as e:
-            return _bad(verb, t0, e)
-        except Exception as e:
-            return _unexpected(verb, t0, e)
-        metrics.observe(verb, time.perf_counter() - t0, outcome)
-        return _json(body)
-
-    async def _filter(args):
-        return scheduler.filter(args)
-
-    async def _prioritize(args):
-        return scheduler.prioritize(args)
-
-    async def _bind(args):
-        return await run_in_threadpool(scheduler.bind, args)
-
-    @app.post("/filter")
-    async def filter_(request: Request) -> Response:
-        return await _verb("filter", request, parse_extender_args, _filter)
-
-    @app.post("/prioritize")
-    async def prioritize(request: Request) -> Response:
-        return await _verb("prioritize", request, parse_extender_args, _prioritize)
-
-    @app.post("/bind")
-    async def bind(request: Request) -> Response:
-        return await _verb("bind", request, parse_binding_args, _bind)
+    # the verbs bypass FastAPI's routing and request objects (extender/fast_path.py)
+    app.add_middleware(VerbFastPath, scheduler=scheduler, metrics=metrics, limit=limit,
+                       not_ready=_not_ready)
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -248,6 +248,10 @@ class Decision:
         out[fin] = np.clip(np.rint(10.0 * unit_score), 0, 10).astype(np.int64)
         return out
 
+    def feasible_scores(self) -> list[int]:
+        """The scores of `feasible_nodes`, in their order."""
+        return self.node_score[self._feasible_rows].tolist()
+
     @cached_property
     def scores(self) -> dict[str, int]:
         vals = self.node_score[self._feasible_rows].tolist()
