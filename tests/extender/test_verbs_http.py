@@ -132,6 +132,39 @@ def test_prioritize_prefers_complementary_neighbour(make_served, api) -> None:
     assert again == by
 
 
+def test_prioritize_answer_same_for_feasible_list_and_other_names(make_served, api) -> None:
+    """Prioritize joins pre-encoded entries when the names are filter's feasible list and
+    looks each name up otherwise: both must give the same scores, in the request's order, and
+    0 for a name filter rejected or does not know."""
+    state, srv = make_served(PolicyConfig(policy="complementary"))
+    for n in ("dec", "empty", "pre"):
+        state.upsert_node(api.node(gpu_node(n, gpu_units(n, 1))))
+    _bound(api, state, "decode-0", "dec", "GPU-dec-0", role="decode",
+           demand="sm=0.2,bw=0.6,mem=20Gi")
+    _bound(api, state, "prefill-0", "pre", "GPU-pre-0", role="prefill",
+           demand="sm=0.6,bw=0.2,mem=20Gi")
+    pod = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
+    assert srv.post("filter", extender_args(pod, ["dec", "empty", "pre"])).json()[
+        "NodeNames"] == ["dec", "empty"]
+    r = srv.post("prioritize", extender_args(pod, ["dec", "empty"]))
+    assert r.headers["content-type"] == "application/json"
+    fast = r.json()
+    other = srv.post("prioritize", extender_args(pod, ["pre", "ghost", "empty", "dec"])).json()
+    assert [s["Host"] for s in other] == ["pre", "ghost", "empty", "dec"]
+    by = {s["Host"]: s["Score"] for s in other}
+    assert by["pre"] == 0 and by["ghost"] == 0
+    assert fast == [{"Host": "dec", "Score": by["dec"]}, {"Host": "empty", "Score": by["empty"]}]
+    assert by["dec"] > by["empty"]
+
+
+@pytest.mark.parametrize("verb", ["filter", "prioritize", "bind"])
+def test_verbs_answer_405_to_other_methods(cluster, verb) -> None:
+    _, srv, _ = cluster
+    r = srv.client.get(f"/{verb}")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert "only POST" in r.json()["Error"]
+
+
 def test_mig_slices_are_units(make_served, api) -> None:
     state, srv = make_served()
     state.upsert_node(api.node(gpu_node("mig", mig_units("mig", 0, ("3g.40gb", "3g.40gb")))))
