@@ -74,10 +74,15 @@ def test_extender_serves_the_verbs_and_probes_the_manifests_use() -> None:
     from extender.config import ExtenderConfig
     from extender.state import ClusterState
 
-    paths = {r.path for r in create_app(ClusterState(), ExtenderConfig(), None).routes}
+    from starlette.testclient import TestClient
+
+    app = create_app(ClusterState(), ExtenderConfig(), None)
+    paths = {r.path for r in app.routes}
     (ext,) = scheduler_config(render("base"))["extenders"]
-    for verb in (ext["filterVerb"], ext["prioritizeVerb"], ext["bindVerb"]):
-        assert f"/{verb}" in paths
+    with TestClient(app) as client:  # the verbs sit in front of the routes (fast_path.py)
+        for verb in (ext["filterVerb"], ext["prioritizeVerb"], ext["bindVerb"]):
+            r = client.post(f"/{verb}", content=b"")
+            assert r.status_code == 400 and r.json()["Error"].startswith(f"{verb}: "), verb
     c = pod_spec(one(render("base"), "Deployment", "copack-extender"))["containers"][0]
     assert c["readinessProbe"]["httpGet"]["path"] in paths
     assert c["livenessProbe"]["httpGet"]["path"] in paths
