@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from kubernetes import client as k8s
@@ -60,6 +60,15 @@ def _parse_time(text: str | None) -> datetime | None:
         return micro_time(datetime.fromisoformat(text))
     except ValueError:
         return None
+
+
+class Leadership(Protocol):
+    """What the HTTP app asks (extender/app.py): may this replica answer the verbs now, and if
+    not, why (the body of its 503s)."""
+
+    def is_leader(self) -> bool: ...
+
+    def standby_reason(self) -> str: ...
 
 
 @dataclass(frozen=True)
