@@ -70,11 +70,11 @@ def test_kubelet_sockets_the_code_uses_are_mounted() -> None:
 
 
 def test_extender_serves_the_verbs_and_probes_the_manifests_use() -> None:
+    from starlette.testclient import TestClient
+
     from extender.app import create_app
     from extender.config import ExtenderConfig
     from extender.state import ClusterState
-
-    from starlette.testclient import TestClient
 
     app = create_app(ClusterState(), ExtenderConfig(), None)
     paths = {r.path for r in app.routes}
