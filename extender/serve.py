@@ -189,8 +189,8 @@ class ExtenderService:
 
     def relist_pods(self, wait_watch_s: float = 5.0) -> None:
         """List the pods now and make the state match (the watch keeps running), then wait
-        until the pod watch has caught up with that list, so no older event it still has to
-        deliver can undo a placement the list showed."""
+        (bounded) until the pod watch has caught up with that list, so no older event it
+        still has to deliver can undo a placement the list showed."""
         while not self.state.synced:  # the watchers' first lists come first
             if self._stopped.wait(0.05):
                 return
@@ -199,7 +199,6 @@ class ExtenderService:
         started = self.state.now()
         items: list[dict[str, Any]] = []
         cont: str | None = None
-        rv = ""
         while True:
             kwargs: dict[str, Any] = {"limit": 5000, "_preload_content": False,
                                       "_request_timeout": 60}
@@ -209,13 +208,14 @@ class ExtenderService:
                 kwargs["_continue"] = cont
             body = orjson.loads(core.list_pod_for_all_namespaces(**kwargs).data)
             items.extend(body.get("items") or [])
-            meta = body.get("metadata") or {}
-            rv = meta.get("resourceVersion", rv)
-            cont = meta.get("continue")
+            cont = (body.get("metadata") or {}).get("continue")
             if not cont:
                 break
         self.state.replace_pods(items, started)
-        target = _rv_int(rv)
+        # the newest pod change the list showed (not the list's own resourceVersion: that
+        # counts every object kind, Leases included, and a pod watch may not reach it for long)
+        rvs = [_rv_int((p.get("metadata") or {}).get("resourceVersion")) for p in items]
+        target = max((r for r in rvs if r is not None), default=None)
         deadline = time.monotonic() + wait_watch_s
         while target is not None and time.monotonic() < deadline:
             seen = _rv_int(self.watcher.pods.resource_version)
