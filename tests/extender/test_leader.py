@@ -209,3 +209,23 @@ def test_identity_defaults_to_pod_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.leader_election.resolved_identity() == "copack-extender-abc"
     monkeypatch.delenv("POD_NAME")
     assert cfg.leader_election.resolved_identity()
+
+
+def test_serve_flags_reach_the_section_and_bad_ones_are_refused() -> None:
+    from typer.testing import CliRunner
+
+    from copack.cli import app as copack_app
+
+    runner = CliRunner()
+    r = runner.invoke(copack_app, ["extender", "serve", "--leader-elect",
+                                   "--lease-name", "Bad_Name"])
+    assert r.exit_code == 2, r.output
+    assert "leader_election.lease_name: 'Bad_Name' is not a valid" in r.output
+    assert "Traceback" not in r.output
+    cfg = validate_config({}).with_overrides({
+        "leader_election.enabled": True, "leader_election.lease_namespace": "ops",
+        "leader_election.identity": "me", "leader_election.lease_name": None,
+    })
+    le = cfg.leader_election
+    assert (le.enabled, le.lease_namespace, le.identity, le.lease_name) == (
+        True, "ops", "me", "copack-extender")
