@@ -151,11 +151,14 @@ class LeaderElector:
             return max(0.0, self._renewed_at + self.lease_duration_s - SAFETY_MARGIN_S - now)
 
     def leader(self) -> str | None:
-        """Who holds the Lease as last read (ourselves included), None when nobody does."""
+        """Who holds the Lease: ourselves while we do, else the holder last read; None when
+        nobody does or when all we know is our own lapsed term (renewals failing)."""
         if self.holds_lease():
             return self.identity
         rec = self.observed
-        return rec.holder if rec is not None and rec.holder else None
+        if rec is None or not rec.holder or rec.holder == self.identity:
+            return None
+        return rec.holder
 
     # -- lifecycle ------------------------------------------------------------------------------
 

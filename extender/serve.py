@@ -73,7 +73,7 @@ class _Leadership:
         if e.holds_lease():
             return "leader; rebuilding the cluster state from the API server"
         leader = e.leader()
-        return f"standby; leader is {leader}" if leader else "standby; no leader yet"
+        return f"standby; leader is {leader}" if leader else "standby; no leader known"
 
     def started_leading(self, term: int) -> None:
         """In its own thread: relist (retrying) until done or leadership is gone again."""

@@ -9,6 +9,7 @@ memory or its slots, and the new leader answered within the lease duration (prin
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -181,8 +182,12 @@ class Scheduler:
             c.close()
 
 
-@pytest.mark.parametrize("crash", [True, False], ids=["crash", "graceful"])
-def test_failover_during_a_bind_storm(fake_kube, replicas, crash: bool) -> None:
+@pytest.mark.parametrize("mode", ["crash", "graceful", "partition"])
+def test_failover_during_a_bind_storm(fake_kube, replicas, mode: str) -> None:
+    """crash: renewals stop, the HTTP server goes; graceful: the Lease is released too;
+    partition: renewals stop but the old leader keeps answering HTTP (it must turn itself into
+    a standby at its renew deadline, and refuse binds from then on)."""
+    crash = mode != "graceful"
     s = fake_kube.server
     old = eventually(lambda: _leaders(replicas), what="a leader")[0]
     for i in range(PODS):
@@ -197,7 +202,10 @@ def test_failover_during_a_bind_storm(fake_kube, replicas, crash: bool) -> None:
         eventually(lambda: len(sched.bound) >= 40, what="40 pods bound before the kill")
         t_kill = time.monotonic()
         # in a thread: the HTTP server's graceful shutdown lets in-flight verbs finish
-        killer = threading.Thread(target=old.stop, kwargs={"release_lease": not crash})
+        assert old.elector is not None
+        killer = (threading.Thread(target=old.elector.stop, kwargs={"release": False})
+                  if mode == "partition" else
+                  threading.Thread(target=old.stop, kwargs={"release_lease": not crash}))
         killer.start()
         rest = [x for x in replicas if x is not old]
         new = eventually(lambda: _leaders(rest), timeout=LEASE_S + 10, what="a new leader")
@@ -223,7 +231,21 @@ def test_failover_during_a_bind_storm(fake_kube, replicas, crash: bool) -> None:
             t.join(10)
         sched.close()
     failover = t_first - t_kill
-    print(f"\n[{'crash' if crash else 'graceful'}] leader {new[0].config.leader_election.identity}"
+    kinds = Counter(re.sub(r"[\w-]+/p\d+|\bn\d+\b", "X", e)[:70] for e in sched.refusals)
+    print("\nbind errors by kind:", dict(kinds.most_common(4)))
+    # nothing bound by the old leader after its renew deadline
+    late = [n for n, (u, t) in sched.bound.items()
+            if u == old.url and t > t_kill + RENEW_S + 0.1]
+    assert late == [], late
+    if mode == "partition":  # still serving, as a standby now
+        assert not old.is_leader()
+        with httpx.Client(base_url=old.url, timeout=5) as c:
+            r = c.get("/readyz")
+        ident = new[0].config.leader_election.identity
+        # it cannot read the Lease (partitioned): it does not claim to know the leader
+        assert r.status_code == 503
+        assert r.text in (f"standby; leader is {ident}", "standby; no leader known")
+    print(f"\n[{mode}] leader {new[0].config.leader_election.identity}"
           f" after {t_leader - t_kill:.2f}s; first successful bind after the kill "
           f"{failover:.2f}s (lease {LEASE_S}s, retry {RETRY_S}s); bound {len(sched.bound)}, "
           f"pending {PODS - len(sched.bound)}, bind errors answered {len(sched.refusals)}")
