@@ -14,6 +14,8 @@ Endpoints (JSON only, HTTP/1.1 keep-alive, TCP_NODELAY):
   DELETE .../nodes/N | .../pods/P                                           delete (immediate)
   POST   /api/v1/namespaces/NS/pods/P/binding                               bind (201 + v1 Status)
   the same verbs for /api/v1/namespaces/NS/secrets[/S] (no subresources)
+  GET|POST|PUT|PATCH|DELETE /apis/coordination.k8s.io/v1/namespaces/NS/leases[/L]  Leases
+                           (resourceVersion precondition -> 409; MicroTime fields checked)
   GET    /version, /healthz, /readyz, /api, /api/v1                         discovery odds and ends
 
 Semantics kept from the real server:
