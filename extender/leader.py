@@ -249,6 +249,10 @@ class LeaderElector:
             return self._won(started, None)
         self._observe(rec, started)
         mine = rec.holder == self.identity
+        if not mine and self._leading:  # taken over (or released by hand): stop at once
+            log.warning("lease %s/%s is held by %r now: no longer the leader",
+                        self.namespace, self.name, rec.holder)
+            self._lose()
         if rec.holder and not mine:
             expired = started - self._observed_at >= max(rec.duration_s, 1)
             if not expired:

@@ -79,6 +79,16 @@ def test_steal_after_expiry_and_the_old_leader_has_stopped_before(fake_kube: Fak
     assert a.leader() == "b"
 
 
+def test_a_leader_that_reads_another_holder_stops_at_once(fake_kube: FakeKube) -> None:
+    clock = Clock()
+    a = _elector(fake_kube, "a", clock)
+    assert a.try_acquire_or_renew() and a.holds_lease()
+    fake_kube.server.patch("leases", "copack-extender", {"spec": {"holderIdentity": "b"}},
+                           NS, patch_type="merge")
+    assert not a.try_acquire_or_renew()
+    assert not a.holds_lease() and a.leader() == "b"
+
+
 def test_lease_left_caps_a_bind_before_a_rival_can_hold_it(fake_kube: FakeKube) -> None:
     clock = Clock()
     a = _elector(fake_kube, "a", clock)
