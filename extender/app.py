@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from extender.binder import Binder
 from extender.config import ExtenderConfig
 from extender.fast_path import VerbFastPath
+from extender.leader import Leadership
 from extender.metrics import ExtenderMetrics
 from extender.protocol import error_body
 from extender.scheduling import Scheduler
@@ -36,7 +37,13 @@ def _json(body: bytes, status: int = 200) -> Response:
     return Response(content=body, status_code=status, media_type=JSON)
 
 
-def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | None) -> FastAPI:
+def create_app(
+    state: ClusterState,
+    config: ExtenderConfig,
+    binder: Binder | None,
+    leadership: Leadership | None = None,
+) -> FastAPI:
+    """`leadership` None: this replica always answers (no leader election)."""
     app = FastAPI(
         title="copack extender",
         docs_url=None,
@@ -44,7 +51,7 @@ def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | Non
         openapi_url=None,
     )
     scheduler = Scheduler(state, binder)
-    metrics = ExtenderMetrics(state)
+    metrics = ExtenderMetrics(state, leadership.is_leader if leadership else None)
     limit = config.limits.max_body_bytes
     app.state.scheduler = scheduler
     app.state.metrics = metrics
@@ -52,9 +59,11 @@ def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | Non
 
     def _not_ready() -> bytes | None:
         """The 503 body for the verbs while they may not be answered, else None."""
-        if state.synced:
-            return None
-        return error_body("the extender's cluster state has not synced yet")
+        if not state.synced:
+            return error_body("the extender's cluster state has not synced yet")
+        if leadership is not None and not leadership.is_leader():
+            return error_body(leadership.standby_reason())
+        return None
 
     # the verbs bypass FastAPI's routing and request objects (extender/fast_path.py)
     app.add_middleware(VerbFastPath, scheduler=scheduler, metrics=metrics, limit=limit,
@@ -66,10 +75,13 @@ def create_app(state: ClusterState, config: ExtenderConfig, binder: Binder | Non
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        if state.synced:
-            return Response(content=b"ok", media_type="text/plain")
-        return Response(content=b"cluster state not synced", status_code=503,
-                        media_type="text/plain")
+        if not state.synced:
+            return Response(content=b"cluster state not synced", status_code=503,
+                            media_type="text/plain")
+        if leadership is not None and not leadership.is_leader():
+            return Response(content=leadership.standby_reason().encode(), status_code=503,
+                            media_type="text/plain")
+        return Response(content=b"ok", media_type="text/plain")
 
     @app.get("/metrics")
     async def metrics_() -> Response:

@@ -8,6 +8,7 @@ so a pod deleted and re-created under the same name is never bound with the old 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import orjson
@@ -34,6 +35,11 @@ class BindUncertain(BindError):
     may or may not be bound. The caller keeps its assumption (the watch settles it)."""
 
 
+class NotLeader(BindError):
+    """This replica does not hold the leader Lease (any more): it must not bind, since another
+    replica may be placing pods on the same units. Nothing was sent to the API server."""
+
+
 class Binder(Protocol):
     def bind(
         self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
@@ -52,15 +58,38 @@ def _status_message(e: ApiException) -> str:
 
 
 class KubeBinder:
-    """Creates `pods/binding` through the official client."""
+    """Creates `pods/binding` through the official client.
 
-    def __init__(self, api_client: k8s.ApiClient, timeout_s: float = 4.0) -> None:
+    With `lease_left` (extender/leader.py's LeaderElector.lease_left), each bind first checks
+    that this replica still holds the leader Lease and caps the request's timeout to the time
+    the Lease is still surely ours, so a binding either lands before a new leader can relist
+    or is refused here, visibly."""
+
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        timeout_s: float = 4.0,
+        lease_left: Callable[[], float] | None = None,
+    ) -> None:
         self._core = k8s.CoreV1Api(api_client)
         self._timeout = timeout_s
+        self._lease_left = lease_left
+
+    def _budget(self, namespace: str, name: str) -> float:
+        if self._lease_left is None:
+            return self._timeout
+        left = self._lease_left()
+        if left <= 0.05:
+            raise NotLeader(
+                f"not binding {namespace}/{name}: this extender replica no longer holds the "
+                "leader lease (another replica may be binding); kube-scheduler will retry"
+            )
+        return min(self._timeout, left)
 
     def bind(
         self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
     ) -> None:
+        timeout = self._budget(namespace, name)
         body = k8s.V1Binding(
             metadata=k8s.V1ObjectMeta(
                 name=name, namespace=namespace, uid=uid or None, annotations=annotations
@@ -70,7 +99,7 @@ class KubeBinder:
         try:
             # FACTS #1: the 201 answer is a v1 Status the typed call cannot read; take it raw.
             resp = self._core.create_namespaced_pod_binding(
-                name, namespace, body, _preload_content=False, _request_timeout=self._timeout
+                name, namespace, body, _preload_content=False, _request_timeout=timeout
             )
         except ApiException as e:
             if e.status == 409:

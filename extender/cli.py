@@ -39,6 +39,22 @@ def serve(
     no_telemetry: Annotated[
         bool, typer.Option("--no-telemetry", help="do not subscribe to node agents")
     ] = False,
+    leader_elect: Annotated[
+        bool | None,
+        typer.Option("--leader-elect/--no-leader-elect",
+                     help="elect one leader among the replicas through a Lease"),
+    ] = None,
+    lease_name: Annotated[
+        str | None, typer.Option("--lease-name", help="the leader Lease's name")
+    ] = None,
+    lease_namespace: Annotated[
+        str | None, typer.Option("--lease-namespace", help="the leader Lease's namespace")
+    ] = None,
+    leader_identity: Annotated[
+        str | None,
+        typer.Option("--leader-identity", help="this replica's identity (default: $POD_NAME, "
+                     "else the hostname)"),
+    ] = None,
     print_config: Annotated[
         bool, typer.Option("--print-example-config", help="print a commented config and exit")
     ] = False,
@@ -67,6 +83,10 @@ def serve(
                 "tls.cert_file": tls_cert,
                 "tls.key_file": tls_key,
                 "telemetry.enabled": False if no_telemetry else None,
+                "leader_election.enabled": leader_elect,
+                "leader_election.lease_name": lease_name,
+                "leader_election.lease_namespace": lease_namespace,
+                "leader_election.identity": leader_identity,
             }
         )
     except ConfigError as e:

@@ -97,6 +97,58 @@ class LimitsSection(_Strict):
     explain_entries: int = Field(default=10_000, ge=1)
 
 
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class LeaderElectionSection(_Strict):
+    """One replica leads (answers the verbs, binds); the others keep their state warm and
+    answer 503 (docs/extender.md, "High availability and failure"). Timings as client-go's."""
+
+    enabled: bool = False
+    lease_name: str = "copack-extender"
+    lease_namespace: str = "copack-system"
+    # null: the POD_NAME environment variable (downward API), else the hostname
+    identity: str | None = None
+    lease_duration_s: float = Field(default=15.0, gt=0.0)
+    renew_deadline_s: float = Field(default=10.0, gt=0.0)
+    retry_period_s: float = Field(default=2.0, gt=0.0)
+
+    @field_validator("lease_name", "lease_namespace")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        if not _DNS1123.match(v) or len(v) > 253:
+            raise ValueError(f"{v!r} is not a valid Kubernetes object name (DNS-1123 subdomain)")
+        return v
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty (leave it null for POD_NAME or the hostname)")
+        return v
+
+    @model_validator(mode="after")
+    def _timings(self) -> LeaderElectionSection:
+        # a leader must give up (renew deadline) before a rival may take the Lease (duration),
+        # and retry at least once within the deadline
+        if not self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError(
+                f"renew_deadline_s ({self.renew_deadline_s}) must be less than "
+                f"lease_duration_s ({self.lease_duration_s})"
+            )
+        if not self.retry_period_s < self.renew_deadline_s:
+            raise ValueError(
+                f"retry_period_s ({self.retry_period_s}) must be less than "
+                f"renew_deadline_s ({self.renew_deadline_s})"
+            )
+        return self
+
+    def resolved_identity(self) -> str:
+        from extender.leader import default_identity
+
+        return self.identity or default_identity()
+
+
 class ExtenderConfig(_Strict):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
@@ -104,6 +156,7 @@ class ExtenderConfig(_Strict):
     kube: KubeConfigSection = Field(default_factory=KubeConfigSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
+    leader_election: LeaderElectionSection = Field(default_factory=LeaderElectionSection)
 
     @field_validator("policy")
     @classmethod
@@ -225,5 +278,13 @@ telemetry:
 limits:
   max_body_bytes: 67108864
   explain_entries: 10000
+leader_election:          # one replica answers and binds; the others stand by (503)
+  enabled: false
+  lease_name: copack-extender
+  lease_namespace: copack-system
+  identity: null          # null: $POD_NAME, else the hostname
+  lease_duration_s: 15    # a rival takes an unrenewed Lease after this
+  renew_deadline_s: 10    # the leader stops answering when it could not renew this long
+  retry_period_s: 2
 """
 )

@@ -7,7 +7,7 @@ computed at scrape time, so the hot path pays nothing for it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -93,8 +93,23 @@ class _StateCollector(Collector):
         yield from (units, occupied, age, stale, synced, pods, restarts, reconnects)
 
 
+class _LeaderCollector(Collector):
+    def __init__(self, is_leader: Callable[[], bool] | None) -> None:
+        self._is_leader = is_leader
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "copack_extender_leader",
+            "1 while this replica answers the verbs and binds (holds the leader lease and has "
+            "rebuilt its state; always 1 without leader election), 0 on a standby",
+        )
+        g.add_metric([], 1.0 if self._is_leader is None or self._is_leader() else 0.0)
+        yield g
+
+
 class ExtenderMetrics:
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState,
+                 is_leader: Callable[[], bool] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.latency = Histogram(
             "copack_extender_request_duration_seconds",
@@ -110,6 +125,7 @@ class ExtenderMetrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(state))
+        self.registry.register(_LeaderCollector(is_leader))
         # children resolved once: labels() costs a dict lookup + lock per call
         self._lat = {v: self.latency.labels(v) for v in ("filter", "prioritize", "bind")}
 

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import uvicorn
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -21,6 +22,7 @@ from extender.app import create_app
 from extender.binder import Binder, KubeBinder
 from extender.config import ExtenderConfig
 from extender.kube_watch import ClusterWatcher
+from extender.leader import LeaderElector
 from extender.state import ClusterState
 from extender.telemetry import TelemetrySubscriber
 
@@ -46,6 +48,49 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _rv_int(rv: str | None) -> int | None:
+    try:
+        return int(rv) if rv else None
+    except ValueError:
+        return None
+
+
+class _Leadership:
+    """Leader = holds the Lease *and* has relisted the pods since it took it: a new leader first
+    rebuilds, from what the API server holds (spec.nodeName and the copack.io/unit annotations),
+    every placement, including those the old leader's last binds made."""
+
+    def __init__(self, service: ExtenderService, elector: LeaderElector) -> None:
+        self._svc = service
+        self.elector = elector
+        self.ready_term = 0  # the term whose relist is done
+
+    def is_leader(self) -> bool:
+        return self.elector.holds_lease() and self.ready_term == self.elector.term
+
+    def standby_reason(self) -> str:
+        e = self.elector
+        if e.holds_lease():
+            return "leader; rebuilding the cluster state from the API server"
+        leader = e.leader()
+        return f"standby; leader is {leader}" if leader else "standby; no leader known"
+
+    def started_leading(self, term: int) -> None:
+        """In its own thread: relist (retrying) until done or leadership is gone again."""
+        backoff = 0.1
+        while self.elector.term == term and self.elector.holds_lease():
+            try:
+                self._svc.relist_pods()
+                self.ready_term = term
+                log.info("leader (term %d): state rebuilt, answering the verbs", term)
+                return
+            except Exception as e:
+                log.warning("relist after acquiring the lease failed: %s: %s",
+                            type(e).__name__, e)
+                time.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+
+
 class ExtenderService:
     """Everything `serve` runs. `start()` returns once the HTTP port listens (not once synced:
     /readyz says that); `stop()` undoes it all."""
@@ -67,7 +112,21 @@ class ExtenderService:
             explain_entries=config.limits.explain_entries,
             **state_kwargs,
         )
-        self.binder = binder or KubeBinder(self.api_client, timeout_s=config.kube.bind_timeout_s)
+        le = config.leader_election
+        self.elector: LeaderElector | None = None
+        self.leadership: _Leadership | None = None
+        if le.enabled:
+            self.elector = LeaderElector(
+                self.api_client, name=le.lease_name, namespace=le.lease_namespace,
+                identity=le.resolved_identity(), lease_duration_s=le.lease_duration_s,
+                renew_deadline_s=le.renew_deadline_s, retry_period_s=le.retry_period_s,
+                on_started_leading=lambda term: self._started_leading(term),
+            )
+            self.leadership = _Leadership(self, self.elector)
+        self.binder = binder or KubeBinder(
+            self.api_client, timeout_s=config.kube.bind_timeout_s,
+            lease_left=self.elector.lease_left if self.elector else None,
+        )
         self.watcher = ClusterWatcher(
             self.api_client,
             self.state,
@@ -83,7 +142,7 @@ class ExtenderService:
             if config.telemetry.enabled
             else None
         )
-        self.app = create_app(self.state, config, self.binder)
+        self.app = create_app(self.state, config, self.binder, self.leadership)
         self._sock: socket.socket | None = None
         self._port: int | None = None
         self._stopped = threading.Event()
@@ -120,8 +179,54 @@ class ExtenderService:
         )
         return uvicorn.Server(cfg)
 
+    def _started_leading(self, term: int) -> None:
+        if self.leadership is not None:
+            self.leadership.started_leading(term)
+
+    def is_leader(self) -> bool:
+        """Whether this replica answers the verbs (always, without leader election)."""
+        return self.leadership is None or self.leadership.is_leader()
+
+    def relist_pods(self, wait_watch_s: float = 5.0) -> None:
+        """List the pods now and make the state match (the watch keeps running), then wait
+        (bounded) until the pod watch has caught up with that list, so no older event it
+        still has to deliver can undo a placement the list showed."""
+        while not self.state.synced:  # the watchers' first lists come first
+            if self._stopped.wait(0.05):
+                return
+        core = k8s.CoreV1Api(self.api_client)
+        selector = self.config.kube.pod_field_selector
+        started = self.state.now()
+        items: list[dict[str, Any]] = []
+        cont: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": 5000, "_preload_content": False,
+                                      "_request_timeout": 60}
+            if selector:
+                kwargs["field_selector"] = selector
+            if cont:
+                kwargs["_continue"] = cont
+            body = orjson.loads(core.list_pod_for_all_namespaces(**kwargs).data)
+            items.extend(body.get("items") or [])
+            cont = (body.get("metadata") or {}).get("continue")
+            if not cont:
+                break
+        self.state.replace_pods(items, started)
+        # the newest pod change the list showed (not the list's own resourceVersion: that
+        # counts every object kind, Leases included, and a pod watch may not reach it for long)
+        rvs = [_rv_int((p.get("metadata") or {}).get("resourceVersion")) for p in items]
+        target = max((r for r in rvs if r is not None), default=None)
+        deadline = time.monotonic() + wait_watch_s
+        while target is not None and time.monotonic() < deadline:
+            seen = _rv_int(self.watcher.pods.resource_version)
+            if seen is None or seen >= target:
+                break
+            time.sleep(0.01)
+
     def _start_background(self) -> None:
         self.watcher.start()
+        if self.elector is not None:
+            self.elector.start()
         if self.telemetry is not None:
             self.telemetry.start()
         threading.Thread(target=self._freeze_after_sync, name="copack-gc-freeze",
@@ -175,8 +280,10 @@ class ExtenderService:
         finally:
             self._stop_background()
 
-    def _stop_background(self) -> None:
+    def _stop_background(self, release_lease: bool = True) -> None:
         self._stopped.set()
+        if self.elector is not None:
+            self.elector.stop(release=release_lease)
         if self.telemetry is not None:
             self.telemetry.stop()
         self.watcher.stop()
@@ -185,9 +292,12 @@ class ExtenderService:
         if self._sock is not None:
             self._sock.close()
 
-    def stop(self) -> None:
+    def stop(self, release_lease: bool = True) -> None:
+        """Stop serving; `release_lease=False` leaves the Lease to expire, as a crash would."""
+        if self.elector is not None and not release_lease:
+            self.elector.stop(release=False)  # no renewals from here on, as after a crash
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._stop_background()
+        self._stop_background(release_lease)

@@ -7,11 +7,19 @@ NodeResourcesFit's LeastAllocated score (weight 1) plus the extender's score × 
 (MaxNodeScore / MaxExtenderPriority), highest total wins with ties broken by the order nodes
 were evaluated (kube samples among ties at random; a simulator must be reproducible), then the
 extender's bind. Prioritize is skipped when a single node is feasible, as kube does.
+
+The extender's failure, as kube-scheduler's HTTPExtender handles it (KubeSchedulerConfiguration
+`managedResources`, `ignorable`): with `managed_resources` set, only a pod requesting one of them
+goes to the extender at all (`IsInterested`); any other pod is filtered, scored and bound by
+kube alone, so it schedules while the extender is down. A call that fails (unreachable,
+timeout, a non-JSON answer) makes the pod unschedulable with the error as its reason (it stays
+Pending and is retried) unless the extender is `ignorable`, when filter and prioritize go on
+without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -88,8 +96,17 @@ class KubeScheduler:
         extender_weight: int = 5,
         least_allocated_resources: Sequence[str] = ("cpu", "memory"),
         percentage_of_nodes_to_score: int = 0,
+        managed_resources: Sequence[str] | None = None,
+        ignorable: bool = False,
+        default_binder: Callable[[Mapping[str, Any], str], str] | None = None,
     ) -> None:
+        """`managed_resources` None: every pod is the extender's (the simulator's default).
+        `default_binder(pod, node) -> error` binds pods the extender does not manage (kube's
+        own binder); without one they are only assumed on the chosen node."""
         self._extender = extender
+        self._managed = frozenset(managed_resources) if managed_resources is not None else None
+        self._ignorable = ignorable
+        self._default_binder = default_binder
         self._weight = extender_weight
         self._la_resources = tuple(least_allocated_resources)
         self._percentage = percentage_of_nodes_to_score
@@ -152,6 +169,31 @@ class KubeScheduler:
             weights += 1
         return total // weights if weights else 0
 
+    def is_interested(self, pod: Mapping[str, Any]) -> bool:
+        """Whether the extender sees this pod (upstream HTTPExtender.IsInterested)."""
+        if self._managed is None:
+            return True
+        spec = pod.get("spec", {})
+        for c in list(spec.get("containers", [])) + list(spec.get("initContainers", []) or []):
+            res = c.get("resources", {}) or {}
+            if any(k in self._managed for part in ("requests", "limits")
+                   for k in (res.get(part) or {})):
+                return True
+        return False
+
+    def _without_extender(self, pod: dict[str, Any], feasible: list[str],
+                          req: Mapping[str, float], fit_failed: int) -> ScheduleResult:
+        scores = {x: self._least_allocated(self._nodes[x], req) for x in feasible}
+        best = max(scores.values())
+        chosen = next(x for x in feasible if scores[x] == best)
+        self._assume(pod, chosen, req)
+        if self._default_binder is not None:
+            error = self._default_binder(pod, chosen)
+            if error:
+                self.remove_pod(pod["metadata"]["uid"])
+                return ScheduleResult(None, f"binding rejected: {error}", fit_failed, 0, scores)
+        return ScheduleResult(chosen, "", fit_failed, 0, scores)
+
     def schedule(self, pod: dict[str, Any]) -> ScheduleResult:
         req = pod_requests(pod)
         n = len(self._order)
@@ -175,7 +217,15 @@ class KubeScheduler:
         fit_failed = processed - len(feasible)
         if not feasible:
             return ScheduleResult(None, _summary(n, reasons), filtered_by_fit=fit_failed)
-        passed, failed, error = self._extender.filter(pod, [self._nodes[x].obj for x in feasible])
+        if not self.is_interested(pod):
+            return self._without_extender(pod, feasible, req, fit_failed)
+        try:
+            passed, failed, error = self._extender.filter(
+                pod, [self._nodes[x].obj for x in feasible])
+        except Exception as e:  # unreachable, timed out, garbled: the HTTPExtender's error
+            if not self._ignorable:
+                return ScheduleResult(None, f"extender filter error: {_failure(e)}", fit_failed)
+            passed, failed, error = list(feasible), {}, ""
         if error:
             return ScheduleResult(None, f"extender filter error: {error}", fit_failed)
         for why in failed.values():
@@ -188,7 +238,10 @@ class KubeScheduler:
             chosen = feasible[0]
             scores = {chosen: 0}
         else:
-            ext = self._extender.prioritize(pod, [self._nodes[x].obj for x in feasible])
+            try:
+                ext = self._extender.prioritize(pod, [self._nodes[x].obj for x in feasible])
+            except Exception:  # kube ignores a failed prioritize (FACTS: extender v1)
+                ext = {}
             scores = {}
             for name in feasible:
                 la = self._least_allocated(self._nodes[name], req)
@@ -199,7 +252,10 @@ class KubeScheduler:
             chosen = next(x for x in feasible if scores[x] == best)
         # kube assumes the pod on the node before the (asynchronous) bind.
         self._assume(pod, chosen, req)
-        error = self._extender.bind(pod, chosen)
+        try:
+            error = self._extender.bind(pod, chosen)
+        except Exception as e:
+            error = _failure(e)
         if error:
             self.remove_pod(pod["metadata"]["uid"])
             why = f"binding rejected: {error}"
@@ -212,6 +268,10 @@ class KubeScheduler:
         for k, v in req.items():
             cache.requested[k] = cache.requested.get(k, 0.0) + v
         self._assumed[uid] = (node, dict(req))
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def _summary(n: int, reasons: Mapping[str, int]) -> str:

@@ -70,11 +70,11 @@ def test_kubelet_sockets_the_code_uses_are_mounted() -> None:
 
 
 def test_extender_serves_the_verbs_and_probes_the_manifests_use() -> None:
+    from starlette.testclient import TestClient
+
     from extender.app import create_app
     from extender.config import ExtenderConfig
     from extender.state import ClusterState
-
-    from starlette.testclient import TestClient
 
     app = create_app(ClusterState(), ExtenderConfig(), None)
     paths = {r.path for r in app.routes}
@@ -87,3 +87,26 @@ def test_extender_serves_the_verbs_and_probes_the_manifests_use() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] in paths
     assert c["livenessProbe"]["httpGet"]["path"] in paths
     assert "/metrics" in paths
+
+
+def test_extender_config_elects_a_leader_on_a_lease_its_role_covers() -> None:
+    """The rendered config loads, enables leader election with the identity from the
+    downward API, on a Lease in the namespace where the extender's Role grants leases."""
+    import yaml
+
+    from extender.config import validate_config
+    from tests.deploy.manifests import find
+
+    objs = render("base")
+    (cm,) = [c for c in find(objs, "ConfigMap")
+             if c["metadata"]["name"].startswith("copack-extender-config")]
+    raw = yaml.safe_load(cm["data"]["extender.yaml"])  # (its TLS files exist in the pod only)
+    le = validate_config({"leader_election": raw["leader_election"]}).leader_election
+    assert le.enabled and le.identity is None  # -> $POD_NAME
+    assert le.renew_deadline_s < le.lease_duration_s
+    role = one(objs, "Role", "copack-extender-leader-election")
+    assert role["metadata"]["namespace"] == le.lease_namespace
+    assert [r["resources"] for r in role["rules"]] == [["leases"]]
+    dep = one(objs, "Deployment", "copack-extender")
+    env = {e["name"]: e for e in pod_spec(dep)["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"

@@ -193,9 +193,12 @@ def test_extender_deployment_is_highly_available_in_base_and_single_in_dev() -> 
     assert ext["spec"]["replicas"] == 2
     assert one(base, "PodDisruptionBudget", "copack-extender")["spec"] == {
         "minAvailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
         "selector": {"matchLabels": {"app.kubernetes.io/name": "copack-extender"}},
     }
     c = pod_spec(ext)["containers"][0]
+    env = {e["name"]: e for e in c.get("env", [])}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"

@@ -14,6 +14,8 @@ Endpoints (JSON only, HTTP/1.1 keep-alive, TCP_NODELAY):
   DELETE .../nodes/N | .../pods/P                                           delete (immediate)
   POST   /api/v1/namespaces/NS/pods/P/binding                               bind (201 + v1 Status)
   the same verbs for /api/v1/namespaces/NS/secrets[/S] (no subresources)
+  GET|POST|PUT|PATCH|DELETE /apis/coordination.k8s.io/v1/namespaces/NS/leases[/L]  Leases
+                           (resourceVersion precondition -> 409; MicroTime fields checked)
   GET    /version, /healthz, /readyz, /api, /api/v1                         discovery odds and ends
 
 Semantics kept from the real server:
@@ -143,6 +145,43 @@ FIELD_SELECTORS: dict[str, dict[str, Callable[[dict], str]]] = {
         "type": lambda o: o.get("type", "") or "",
     },
 }
+
+# --- coordination.k8s.io/v1 Leases (the extender's leader election) -------------------------
+# Self-contained: its resources, apiVersion, field selectors, routes and discovery are added to
+# the core tables here and below, in blocks of their own.
+# resource -> (kind, namespaced, apiVersion)
+COORDINATION_RESOURCES: dict[str, tuple[str, bool, str]] = {
+    "leases": ("Lease", True, "coordination.k8s.io/v1"),
+}
+RESOURCES.update({r: (k, ns) for r, (k, ns, _) in COORDINATION_RESOURCES.items()})
+API_VERSIONS: dict[str, str] = {r: v for r, (_, _, v) in COORDINATION_RESOURCES.items()}
+FIELD_SELECTORS["leases"] = {
+    "metadata.name": lambda o: o["metadata"].get("name", ""),
+    "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
+}
+# Lease times are MicroTime: the real server parses them with Go's RFC3339Micro layout, which
+# needs exactly 6 fractional digits (a client sending "…T00:00:00+00:00" gets a 400).
+_MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+
+
+def _check_lease(obj: dict) -> None:
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, dict):
+        raise _bad_request("spec must be an object")
+    for f in ("acquireTime", "renewTime"):
+        v = spec.get(f)
+        if v is not None and (not isinstance(v, str) or not _MICRO_TIME.match(v)):
+            raise _bad_request(
+                f'Lease in version "v1" cannot be handled as a Lease: parsing time {v!r} as '
+                f'"2006-01-02T15:04:05.000000Z07:00": spec.{f}'
+            )
+    d = spec.get("leaseDurationSeconds")
+    if d is not None and (not isinstance(d, int) or d <= 0):
+        raise _invalid("Lease", obj.get("metadata", {}).get("name", ""),
+                       "spec.leaseDurationSeconds: Invalid value: must be greater than 0")
+
+
+# --- end of the coordination.k8s.io block -------------------------------------------------
 
 # Kubernetes strategic-merge keys for the lists copack objects carry.
 MERGE_KEYS: dict[str, str] = {
@@ -885,6 +924,9 @@ class FakeKubeApiServer:
         meta["resourceVersion"] = str(self._next_rv())
         if resource == "pods":
             _default_pod(obj)
+        elif resource in COORDINATION_RESOURCES:
+            _check_lease(obj)
+            obj.setdefault("spec", {})
         else:
             obj.setdefault("spec", {})
             obj.setdefault("status", {})
@@ -938,6 +980,9 @@ class FakeKubeApiServer:
             result = copy.deepcopy(old)
             result["status"] = new.get("status", {})
             return result
+        if resource in COORDINATION_RESOURCES:  # no status
+            _check_lease(new)
+            return new
         new["status"] = copy.deepcopy(old.get("status", {}))
         if resource == "pods":
             old_spec, new_spec = old.get("spec", {}), new.get("spec", {})
@@ -1300,6 +1345,15 @@ _ROUTES = [
     (re.compile(r"^/api/v1/(nodes)/([^/]+)(?:/(status))?$"), "node"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)/([^/]+)(?:/(status|binding))?$"), "pod"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/(secrets)/([^/]+)()$"), "pod"),
+]
+
+# coordination.k8s.io/v1 (Leases): the same handlers as namespaced core resources
+_ROUTES += [
+    (re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/([^/]+)/(leases)$"),
+     "ns_collection"),
+    (re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/([^/]+)/(leases)/([^/]+)()$"),
+     "pod"),
+    (re.compile(r"^/apis/coordination\.k8s\.io/v1/(leases)$"), "collection"),
 ]
 
 
@@ -1710,7 +1764,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _with_kind(resource: str, obj: dict) -> dict:
-    return {"kind": RESOURCES[resource][0], "apiVersion": "v1", **obj}
+    return {"kind": RESOURCES[resource][0], "apiVersion": API_VERSIONS.get(resource, "v1"),
+            **obj}
 
 
 _REASONS = {

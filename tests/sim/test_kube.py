@@ -130,3 +130,53 @@ def test_binder_keeps_the_uid_precondition_and_refuses_a_second_binding():
         binder.bind(NAMESPACE, "d5", uid, "h200-000", {})
     assert e.value.node == "h100-000" and e.value.annotations["copack.io/unit"] == "GPU-x"
     h.close()
+
+
+def _unreachable_extender():
+    """The real HTTP client pointed at a loopback port nothing listens on (extender down)."""
+    import socket
+
+    from sim.extender_client import LoopbackExtenderClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return LoopbackExtenderClient(f"http://127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("ignorable", [False, True])
+def test_extender_down_keeps_gpu_pods_pending_and_schedules_the_rest(ignorable: bool):
+    """deploy/base/scheduler-config.yaml: managedResources [copack.io/gpu], ignorable false."""
+    scn, binder, h, _tap, _ks = _setup("complementary")
+    client = _unreachable_extender()
+    bound: list[tuple[str, str]] = []
+
+    def default_binder(pod, node):
+        bound.append((pod["metadata"]["name"], node))
+        return ""
+
+    ks = KubeScheduler(client, managed_resources=["copack.io/gpu"], ignorable=ignorable,
+                       default_binder=default_binder)
+    for n in build_cluster(scn.cluster).nodes:
+        ks.add_node(n)
+    gpu_pod = _pod(scn, binder, h, "d6")
+    web = {"metadata": {"name": "web", "namespace": "default", "uid": "uid-web"},
+           "spec": {"containers": [{"name": "c", "resources": {
+               "requests": {"cpu": "1", "memory": "1Gi"}}}]}}
+    assert ks.is_interested(gpu_pod) and not ks.is_interested(web)
+
+    res = ks.schedule(gpu_pod)
+    assert res.node is None
+    if ignorable:  # filter and prioritize go on without it, but the extender is the binder
+        assert res.reason.startswith("binding rejected: ConnectError")
+    else:
+        assert res.reason.startswith("extender filter error: ConnectError")
+    assert all(ks.requested(n).get("copack.io/gpu", 0) == 0 for n in ("h100-000", "h200-000"))
+    assert "nodeName" not in binder.pods[(NAMESPACE, "d6")].obj["spec"]  # still Pending
+
+    res = ks.schedule(web)
+    assert res.node is not None and res.reason == ""
+    assert bound == [("web", res.node)]
+    assert ks.requested(res.node)["cpu"] == 1.0
+    client.close()
+    h.close()
