@@ -74,6 +74,10 @@ class RebalancerService:
     def run_forever(self, tick_s: float = 1.0) -> None:
         self.controller.run(self._stop, tick_s)
 
+    def request_stop(self) -> None:
+        """Thread- and signal-safe: end `run_forever` after the current tick."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         if self.server is not None:
