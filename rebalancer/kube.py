@@ -115,6 +115,8 @@ class KubeActions:
         """POST pods/{name}/eviction with the pod's UID as precondition (a same-named
         replacement is never evicted by mistake)."""
         body = k8s.V1Eviction(
+            api_version="policy/v1",
+            kind="Eviction",
             metadata=k8s.V1ObjectMeta(name=name, namespace=namespace),
             delete_options=k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(uid=uid)),
         )
