@@ -16,10 +16,11 @@ app = typer.Typer(
 def _register_components() -> None:
     from extender import cli as extender_cli
     from node_agent import cli as agent_cli
+    from rebalancer import cli as rebalancer_cli
     from sim import cli as sim_cli
     from workloads import cli as workloads_cli
 
-    for component in (sim_cli, extender_cli, agent_cli, workloads_cli):
+    for component in (sim_cli, extender_cli, agent_cli, workloads_cli, rebalancer_cli):
         component.register(app)
 
 

@@ -109,8 +109,14 @@ def explain(
         str | None, typer.Option(help="CA bundle for an HTTPS extender")
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds")] = 5.0,
+    rebalancer_url: Annotated[
+        str | None,
+        typer.Option("--rebalancer-url", help="copack-rebalancer's base URL (its metrics port): "
+                     "also show whether and why it evicted the pod"),
+    ] = None,
 ) -> None:
-    """Ask a running extender why it placed (or refused) a pod."""
+    """Ask a running extender why it placed (or refused) a pod; with --rebalancer-url, also ask
+    the rebalancer why it evicted the pod (or kept its GPU)."""
     import ssl
 
     import httpx
@@ -120,23 +126,46 @@ def explain(
     ns = ns or "default"
     if not name or "/" in ns:
         _fail(f"{pod!r} is not NAMESPACE/POD")
-    target = f"{url.rstrip('/')}/explain/{ns}/{name}"
+
+    def ask(base: str, what: str, verify: ssl.SSLContext | bool) -> tuple[bool, object]:
+        """(answered 200, the JSON body or an error message)."""
+        target = f"{base.rstrip('/')}/explain/{ns}/{name}"
+        try:
+            r = httpx.get(target, timeout=timeout, verify=verify)
+        except (httpx.HTTPError, OSError) as e:
+            return False, f"cannot reach the {what} at {base}: {e}"
+        try:
+            body = r.json()
+        except ValueError:
+            return False, f"{target} answered {r.status_code} with a non-JSON body"
+        if r.status_code != 200:
+            return False, body.get("Error") if isinstance(body, dict) else str(body)
+        return True, body
+
     try:
         verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=cacert) if cacert else True
         )
-        r = httpx.get(target, timeout=timeout, verify=verify)
-    except (httpx.HTTPError, OSError) as e:  # OSError: an unreadable --cacert
+    except OSError as e:  # an unreadable --cacert
         _fail(f"cannot reach the extender at {url}: {e}", 1)
         return
-    try:
-        body = r.json()
-    except ValueError:
-        _fail(f"{target} answered {r.status_code} with a non-JSON body", 1)
+    ok, body = ask(url, "extender", verify)
+    if rebalancer_url is None:
+        if not ok:
+            _fail(str(body), 1)
+        typer.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
         return
-    if r.status_code != 200:
-        _fail(body.get("Error") if isinstance(body, dict) else str(body), 1)
-    typer.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    r_ok, r_body = ask(rebalancer_url, "rebalancer", True)
+    if not ok and not r_ok:
+        _fail(f"extender: {body}; rebalancer: {r_body}", 1)
+    out = {
+        "extender": body if ok else {"Error": body},
+        "rebalancer": r_body if r_ok else {"Error": r_body},
+    }
+    typer.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    if r_ok and isinstance(r_body, dict) and r_body.get("action") in ("evicted", "dry_run"):
+        verb = "evicted" if r_body["action"] == "evicted" else "would evict (dry run)"
+        typer.echo(f"copack-rebalancer {verb} {ns}/{name}: {r_body.get('reason')}")
 
 
 def register(app: typer.Typer) -> None:

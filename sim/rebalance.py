@@ -18,7 +18,7 @@ from typing import Any
 from policies.cluster_view import PodRecord as ViewPod
 from policies.draining import DRAINING_ANNOTATION, format_draining
 from rebalancer.budget import BudgetSpec, DisruptionBudget
-from rebalancer.planner import gpu_units, plan_repack
+from rebalancer.rounds import draining_until, plan_round
 from sim.harness import ExtenderHarness
 from sim.scenario import RebalancerSpec
 
@@ -140,23 +140,14 @@ class SimRebalancer:
             r = by_key.get(pod.key)
             return float(self.in_flight(r.pid)) if r is not None else 0.0
 
-        state = self.harness.state
-        with state.lock:
-            plan = plan_repack(
-                state.view,
-                self.epoch + t,
-                state.policy,
-                state.demand_model,
-                workload_of=workload_of,
-                refusal=refusal,
-                cost=cost,
-                max_gpus=self.spec.max_gpus_per_round,
-            )
-            units = [(node, gpu_units(state.view, node, i)) for node, i in plan.gpus]
+        plan, units = plan_round(
+            self.harness.state, self.epoch + t, self.budget.spec,
+            workload_of=workload_of, refusal=refusal, cost=cost,
+        )
         self.stats.gpus_kept += len(plan.kept)
         if not plan.moves:
             return
-        for node, us in units:
+        for (node, _), us in units.items():
             self._annotate(node, self.draining.get(node, set()) | set(us), t)
         self.stats.gpus_emptied += len(plan.gpus)
         for m in plan.moves:
@@ -171,7 +162,7 @@ class SimRebalancer:
         obj = copy.deepcopy(self.nodes[node])
         ann = obj["metadata"].setdefault("annotations", {})
         if units:
-            until = self.epoch + t + self.spec.grace_s + self.spec.interval_s
+            until = draining_until(self.epoch + t, self.budget.spec)
             ann[DRAINING_ANNOTATION] = format_draining(units, until)
             self.draining[node] = units
         else:

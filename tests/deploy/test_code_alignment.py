@@ -110,3 +110,31 @@ def test_extender_config_elects_a_leader_on_a_lease_its_role_covers() -> None:
     dep = one(objs, "Deployment", "copack-extender")
     env = {e["name"]: e for e in pod_spec(dep)["containers"][0]["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_rebalancer_runs_a_command_with_the_port_and_probes_it_serves() -> None:
+    from rebalancer.cli import rebalance
+    from rebalancer.metrics import MetricsServer, RebalancerMetrics
+
+    app = typer.Typer()
+    app.command("rebalance")(rebalance)
+    app.command("noop")(lambda: None)
+    cmd = get_command(app).commands["rebalance"]
+    c = pod_spec(one(render("base"), "Deployment", "copack-rebalancer"))["containers"][0]
+    assert c["args"][0] == "rebalance"
+    flags = {o for p in cmd.params for o in p.opts}
+    assert {a for a in c["args"] if a.startswith("--")} <= flags
+    port = int(c["args"][c["args"].index("--metrics-port") + 1])
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": port}
+    assert c["image"].startswith("ghcr.io/copack/extender:")  # the image holds rebalancer/
+    server = MetricsServer(RebalancerMetrics(), lambda key: None, lambda: (True, {}),
+                           "127.0.0.1", 0).start()
+    try:
+        import httpx
+
+        for probe in ("readinessProbe", "livenessProbe"):
+            path = c[probe]["httpGet"]["path"]
+            assert httpx.get(f"http://127.0.0.1:{server.port}{path}").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{server.port}/metrics").status_code == 200
+    finally:
+        server.stop()

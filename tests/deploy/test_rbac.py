@@ -1,8 +1,8 @@
-"""RBAC grants exactly the API calls the code makes: the extender's and the agent's
-ServiceAccounts are checked against the calls found in extender/ and node_agent/ and the
-repository modules they import (see rbac_calls.py for how), in both directions. The
-scheduler's RBAC is upstream kube-scheduler's own (bootstrap ClusterRoles) plus its lease,
-checked for shape."""
+"""RBAC grants exactly the API calls the code makes: the extender's, the agent's and the
+rebalancer's ServiceAccounts are checked against the calls found in extender/, node_agent/ and
+rebalancer/ and the repository modules they import (see rbac_calls.py for how), in both
+directions. The scheduler's RBAC is upstream kube-scheduler's own (bootstrap ClusterRoles) plus
+its lease, checked for shape."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tests.deploy.rbac_calls import (
     scan_source,
 )
 
-COMPONENTS = {"copack-extender": "extender", "copack-agent": "node_agent"}
+COMPONENTS = {"copack-extender": "extender", "copack-agent": "node_agent",
+              "copack-rebalancer": "rebalancer"}
 
 
 def granted(objs: list[dict], service_account: str) -> set[Permission]:
@@ -67,6 +68,12 @@ def test_the_calls_found_include_the_ones_copack_is_built_on() -> None:
     assert {Permission("", "nodes", "watch"), Permission("", "pods", "watch")} <= ext
     agent = required(scan_component(REPO, "node_agent")[0])
     assert Permission("", "nodes", "patch") in agent  # the inventory annotations
+    reb = required(scan_component(REPO, "rebalancer")[0])
+    assert {Permission("", "pods/eviction", "create"),  # moves only by the Eviction API
+            Permission("", "nodes", "patch"),  # copack.io/draining
+            Permission("policy", "poddisruptionbudgets", "list"),
+            Permission("", "pods", "watch")} <= reb
+    assert Permission("", "pods", "delete") not in reb  # never deletes pods around the PDBs
 
 
 def _scan(code: str) -> tuple[list[str], list[str]]:

@@ -231,3 +231,24 @@ def test_scheduler_mounts_only_the_ca_of_the_extender_secret() -> None:
     dep = one(render("base"), "Deployment", "copack-scheduler")
     (vol,) = [v for v in pod_spec(dep)["volumes"] if "secret" in v]
     assert vol["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+def test_rebalancer_is_one_replica_reachable_only_as_intended(objs) -> None:
+    """One controller (two would spend one budget twice); its metrics from Prometheus only;
+    the agents' gRPC opened to it by its own policy and to nothing else."""
+    pods = _pods_by_name(objs)
+    dep = pods["copack-rebalancer"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    own = one(objs, "NetworkPolicy", "copack-rebalancer")
+    (rule,) = own["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == ["metrics"]
+    assert all(set(p) == {"podSelector", "namespaceSelector"} for p in rule["from"])
+    extra = one(objs, "NetworkPolicy", "copack-agent-from-rebalancer")
+    assert _matches(extra["spec"]["podSelector"],
+                    pods["copack-agent"]["spec"]["template"]["metadata"]["labels"])
+    (rule,) = extra["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == ["grpc"]
+    (peer,) = rule["from"]
+    assert [n for n, w in pods.items()
+            if _matches(peer["podSelector"], w["spec"]["template"]["metadata"]["labels"])] == [
+        "copack-rebalancer"]

@@ -1172,7 +1172,8 @@ class FakeKubeApiServer:
                 orjson.dumps({"rv": list_rv, "start": list(more)})
             ).decode()
             meta["remainingItemCount"] = remaining
-        return {"kind": f"{kind}List", "apiVersion": "v1", "metadata": meta, "items": items}
+        return {"kind": f"{kind}List", "apiVersion": API_VERSIONS.get(flt.resource, "v1"),
+                "metadata": meta, "items": items}
 
     # ------------------------------------------------------------ watch
 
@@ -1181,7 +1182,8 @@ class FakeKubeApiServer:
         if line is None:
             kind = RESOURCES[ev.resource][0]
             line = orjson.dumps(
-                {"type": etype, "object": {"kind": kind, "apiVersion": "v1", **ev.obj}}
+                {"type": etype, "object": {
+                    "kind": kind, "apiVersion": API_VERSIONS.get(ev.resource, "v1"), **ev.obj}}
             ) + b"\n"
             ev.encoded[etype] = line
         return line
@@ -1623,6 +1625,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/v1":
             rec.verb = "get"
             return lambda: self._send_json(200, _API_RESOURCE_LIST)
+        policy = _policy_route(self, method, path, query, rec)  # policy/v1 (rebalancer)
+        if policy is not None:
+            return policy
         for rx, kind in _ROUTES:
             m = rx.match(path)
             if not m:
@@ -1799,3 +1804,189 @@ def iter_watch_lines(data: bytes) -> Iterator[dict]:
     for line in data.splitlines():
         if line.strip():
             yield orjson.loads(line)
+
+
+# ---------------------------------------------------------------- policy/v1 (rebalancer)
+# Self-contained: PodDisruptionBudgets under /apis/policy/v1 and the pods/eviction subresource,
+# which copack-rebalancer moves pods through. `_route` asks `_policy_route` first.
+#   GET  /apis, /apis/policy, /apis/policy/v1                               discovery
+#   GET  /apis/policy/v1/poddisruptionbudgets                               list (all namespaces)
+#   GET|POST /apis/policy/v1/namespaces/NS/poddisruptionbudgets             list, create
+#   GET|PATCH|PUT|DELETE /apis/policy/v1/namespaces/NS/poddisruptionbudgets/N (and /status)
+#   POST /api/v1/namespaces/NS/pods/P/eviction                              evict
+# Eviction as kube-apiserver does it: a Pending or finished pod is deleted at once; otherwise
+# the one PDB whose selector matches the pod's labels must allow a disruption
+# (`status.disruptionsAllowed` > 0; the fake runs no disruption controller, so tests set it),
+# which the eviction then spends (disruptionsAllowed - 1, the pod in `status.disruptedPods`)
+# before deleting the pod; 0 answers 429 TooManyRequests with a DisruptionBudget cause, more than
+# one matching PDB 500. Success is 201 with a v1 Status.
+
+POLICY_RESOURCES: dict[str, tuple[str, bool]] = {
+    "poddisruptionbudgets": ("PodDisruptionBudget", True),
+}
+RESOURCES.update(POLICY_RESOURCES)
+FIELD_SELECTORS["poddisruptionbudgets"] = {
+    "metadata.name": lambda o: o["metadata"].get("name", ""),
+    "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
+}
+# resource -> apiVersion, for resources outside the core group
+API_VERSIONS: dict[str, str] = {"poddisruptionbudgets": "policy/v1"}
+
+# API group discovery (/apis): group name -> (preferred version, its APIResourceList)
+API_GROUPS: dict[str, tuple[str, dict[str, Any]]] = {
+    "policy": ("v1", {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": "policy/v1",
+        "resources": [
+            {"name": "poddisruptionbudgets", "singularName": "poddisruptionbudget",
+             "namespaced": True, "kind": "PodDisruptionBudget", "shortNames": ["pdb"],
+             "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]},
+            {"name": "poddisruptionbudgets/status", "singularName": "", "namespaced": True,
+             "kind": "PodDisruptionBudget", "verbs": ["get", "patch", "update"]},
+        ],
+    }),
+}
+_API_RESOURCE_LIST["resources"].append(
+    {"name": "pods/eviction", "singularName": "", "namespaced": True, "group": "policy",
+     "version": "v1", "kind": "Eviction", "verbs": ["create"]}
+)
+
+_POLICY_ROUTES = [
+    (re.compile(r"^/apis/policy/v1/(poddisruptionbudgets)$"), "collection"),
+    (re.compile(r"^/apis/policy/v1/namespaces/([^/]+)/(poddisruptionbudgets)$"), "ns_collection"),
+    (re.compile(r"^/apis/policy/v1/namespaces/([^/]+)/(poddisruptionbudgets)/([^/]+)"
+                r"(?:/(status))?$"), "item"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/(pods)/([^/]+)/(eviction)$"), "eviction"),
+]
+
+
+def _api_group_list() -> dict[str, Any]:
+    return {
+        "kind": "APIGroupList",
+        "apiVersion": "v1",
+        "groups": [
+            {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v}],
+             "preferredVersion": {"groupVersion": f"{g}/{v}", "version": v}}
+            for g, (v, _) in sorted(API_GROUPS.items())
+        ],
+    }
+
+
+def _policy_route(
+    handler: _Handler, method: str, path: str, query: dict[str, str], rec: RecordedRequest
+) -> Callable[[], None] | None:
+    """The handler for a policy/v1 or discovery path, or None when the path is not one."""
+    if path == "/apis":
+        rec.verb = "get"
+        return lambda: handler._send_json(200, _api_group_list())
+    for group, (version, resources) in API_GROUPS.items():
+        if path == f"/apis/{group}":
+            rec.verb = "get"
+            gv = {"groupVersion": f"{group}/{version}", "version": version}
+            return lambda gv=gv, group=group: handler._send_json(200, {
+                "kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv],
+                "preferredVersion": gv})
+        if path == f"/apis/{group}/{version}":
+            rec.verb = "get"
+            return lambda resources=resources: handler._send_json(200, resources)
+    for rx, kind in _POLICY_ROUTES:
+        m = rx.match(path)
+        if not m:
+            continue
+        if kind == "collection":
+            resource, ns, name, sub = m.group(1), None, None, None
+        elif kind == "ns_collection":
+            ns, resource, name, sub = unquote(m.group(1)), m.group(2), None, None
+        else:
+            ns, resource, name, sub = (
+                unquote(m.group(1)), m.group(2), unquote(m.group(3)), m.group(4) or None
+            )
+        rec.resource, rec.namespace, rec.name, rec.subresource = resource, ns, name, sub
+        if kind != "eviction":
+            return handler._handler_for(method, resource, ns, name, sub, query, rec)
+        rec.verb = "create" if method == "POST" else method.lower()
+        if method != "POST":
+            raise ApiError(405, "MethodNotAllowed", "only POST is supported on pods/eviction")
+        return _eviction_handler(handler, ns or "", name or "", rec)
+    return None
+
+
+def _eviction_handler(
+    handler: _Handler, ns: str, name: str, rec: RecordedRequest
+) -> Callable[[], None]:
+    fake = handler.fake
+
+    def eviction() -> None:
+        with fake._cond:
+            status = _evict(fake, ns, name, rec.body)
+        handler._send_json(201, status)
+
+    return eviction
+
+
+def _label_selector_matches(selector: Any, labels: dict[str, str]) -> bool:
+    """A metav1.LabelSelector (matchLabels + matchExpressions); {} matches all, None nothing."""
+    if not isinstance(selector, dict):
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _evict(fake: FakeKubeApiServer, namespace: str, name: str, body: Any) -> dict[str, Any]:
+    """pods/eviction (lock held); see the block comment above."""
+    if not isinstance(body, dict):
+        raise _bad_request("the body of an Eviction must be a JSON object")
+    if body.get("kind") not in (None, "Eviction"):
+        raise _bad_request(f"the kind of the body is {body.get('kind')!r}, expected Eviction")
+    meta = body.get("metadata") or {}
+    if meta.get("name") not in (None, name):
+        raise _bad_request(f"name in URL does not match name in Eviction object ({name})")
+    pod = fake._lookup("pods", namespace, name)
+    phase = (pod.get("status") or {}).get("phase")
+    if phase not in ("Pending", "Succeeded", "Failed") and not pod["metadata"].get(
+        "deletionTimestamp"
+    ):
+        labels = pod["metadata"].get("labels") or {}
+        pdbs = [
+            p for (ns, _), p in sorted(fake._objects["poddisruptionbudgets"].items())
+            if ns == namespace and _label_selector_matches((p.get("spec") or {}).get("selector"),
+                                                           labels)
+        ]
+        if len(pdbs) > 1:
+            raise ApiError(500, "InternalError", "This pod has more than one "
+                           "PodDisruptionBudget, which the eviction subresource does not support.")
+        if pdbs:
+            pdb = pdbs[0]
+            st = pdb.get("status") or {}
+            if int(st.get("disruptionsAllowed") or 0) <= 0:
+                raise ApiError(
+                    429, "TooManyRequests",
+                    "Cannot evict pod as it would violate the pod's disruption budget.",
+                    {"causes": [{
+                        "reason": "DisruptionBudget",
+                        "message": f"The disruption budget {pdb['metadata']['name']} needs "
+                                   f"{st.get('desiredHealthy', 0)} healthy pods and has "
+                                   f"{st.get('currentHealthy', 0)} currently",
+                    }]},
+                )
+            new = copy.deepcopy(pdb)
+            new_st = new.setdefault("status", {})
+            new_st["disruptionsAllowed"] = int(st["disruptionsAllowed"]) - 1
+            new_st.setdefault("disruptedPods", {})[name] = _now_rfc3339()
+            fake._write("poddisruptionbudgets", pdb, new)
+    fake._delete("pods", namespace, name, body.get("deleteOptions"))
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+            "code": 201}
