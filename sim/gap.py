@@ -226,6 +226,11 @@ class GapRecorder:
         )
 
 
+def _h(x: float) -> str:
+    """GPU-hours: one decimal, two below 10 (short runs)."""
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
 def gap_rows(results: Sequence[Any]) -> list[list[str]]:
     """Per run: GPU-h, its own fluid GPU-h, the excess, each cause as GPU-h (share)."""
     out = []
@@ -233,10 +238,9 @@ def gap_rows(results: Sequence[Any]) -> list[list[str]]:
         g: GapAttribution | None = getattr(r, "gap", None)
         if g is None:
             continue
-        cells = [r.policy, f"{g.used_s / 3600:.1f}", f"{g.fluid_s / 3600:.1f}"]
-        cells.append(f"{g.excess_s / 3600:.1f}")
+        cells = [r.policy, _h(g.used_s / 3600), _h(g.fluid_s / 3600), _h(g.excess_s / 3600)]
         sh = g.shares()
-        cells += [f"{v:.1f} ({sh[k]:.0%})" for k, v in g.hours().items()]
+        cells += [f"{_h(v)} ({sh[k]:.0%})" for k, v in g.hours().items()]
         out.append(cells)
     return out
 
