@@ -139,7 +139,7 @@ def table_cells(results: Sequence[RunResult]) -> list[list[str]]:
     return lines
 
 
-def _text(headers: Sequence[str], body: list[list[str]]) -> str:
+def text_table(headers: Sequence[str], body: list[list[str]]) -> str:
     cells = [list(headers), *body]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     out = []
@@ -153,11 +153,11 @@ def _text(headers: Sequence[str], body: list[list[str]]) -> str:
 
 def render_text(results: Sequence[RunResult]) -> str:
     """The table, then where each run's GPU-hours above its own fluid bound go."""
-    text = _text(HEADERS, table_cells(results))
+    text = text_table(HEADERS, table_cells(results))
     gap = gap_rows(results)
     if gap:
         text += "\n\nGPU-hours above each run's own fluid bound, by cause (sim/gap.py):\n"
-        text += _text(GAP_HEADERS, gap)
+        text += text_table(GAP_HEADERS, gap)
     return text
 
 
