@@ -10,14 +10,17 @@ At every step of a run the recorder reads nested levels, in GPUs:
         dimension of the summed demands clamped at the unit          -> over-provisioning
     D2  D1 with the pods STARTING (model load) or DRAINING (scaled
         down, or evicted and being replaced)                         -> start/drain
+    M   D2 plus the rest of every unit in use whose free memory is
+        below the smallest pod then bound (no pod could use it)     -> memory-stranded
     N   GPUs in use (any unit holds a pod)                           -> fragmentation
 
 Each level is clamped between the one below it and N, so the levels are monotone and the
 causes (differences of consecutive levels, times the step) add up exactly to the run's GPU
 time in use minus its fluid GPU time. Fragmentation is the remainder: capacity on GPUs in use
-that no declared demand holds. D1/D2 come from the engine's per-pod states (vectorized over
-pods, one bincount per dimension), recomputed every `every` steps and whenever the number of
-GPUs in use changes; F, W, P and N are exact per step.
+that no declared demand holds although some pod's memory would fit. D1, D2 and M come from the
+engine's per-pod states (vectorized over pods, one bincount per dimension), recomputed every
+`every` steps and whenever the number of GPUs in use changes; F, W, P and N are exact per
+step.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from sim.lower_bound import DIMENSIONS, fluid_needs
 from sim.perf import core_unit_type
 from workloads.roofline import DemandModel
 
-CAUSES = ("rounding", "whole pods (memory)", "over-provisioning", "start/drain", "fragmentation")
+CAUSES = (
+    "rounding",
+    "whole pods (memory)",
+    "over-provisioning",
+    "start/drain",
+    "memory-stranded",
+    "fragmentation",
+)
 
 
 @dataclass
@@ -69,14 +79,18 @@ def nested_levels(
     ready: np.ndarray,
     bound: np.ndarray,
     used: np.ndarray,
+    stranded: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Levels F <= W <= P <= D1 <= D2 <= N per step, shape (6, steps). Each is clamped between
-    the level below and N (N below F, which a bound should never allow, leaves every level at F
-    and makes fragmentation negative, so the sum still holds)."""
+    """Levels F <= W <= P <= D1 <= D2 <= M <= N per step, shape (7, steps), M = D2 +
+    `stranded`. Each is clamped between the level below and N (N below F, which a bound should
+    never allow, leaves every level at F and makes fragmentation negative, so the sum still
+    holds)."""
     f = np.asarray(fluid, float)
     n = np.asarray(used, float)
+    b = np.asarray(bound, float)
+    m = b + (np.asarray(stranded, float) if stranded is not None else 0.0)
     out = [f]
-    for raw in (np.ceil(f - 1e-9), packing, ready, bound):
+    for raw in (np.ceil(f - 1e-9), packing, ready, b, m):
         lo = out[-1]
         out.append(np.minimum(np.maximum(np.asarray(raw, float), lo), np.maximum(n, lo)))
     out.append(n)
@@ -91,11 +105,12 @@ def attribute(
     used: np.ndarray,
     dt: float,
     *,
+    stranded: np.ndarray | None = None,
     needs: np.ndarray | None = None,
     series_every: int = 1,
 ) -> GapAttribution:
     """The attribution of a run from its per-step levels (see `nested_levels`)."""
-    lv = nested_levels(fluid, packing, ready, bound, used)
+    lv = nested_levels(fluid, packing, ready, bound, used, stranded)
     per = np.diff(lv, axis=0)  # (causes, steps)
     causes = {c: float(per[i].sum() * dt) for i, c in enumerate(CAUSES)}
     # fragmentation as the remainder: the causes then sum to used - fluid to the last bit
@@ -162,8 +177,9 @@ class GapRecorder:
         self.used: list[int] = []
         self.ready: list[float] = []
         self.bound: list[float] = []
+        self.stranded: list[float] = []
         self._last_n = -1
-        self._held = (0.0, 0.0)
+        self._held = (0.0, 0.0, 0.0)
 
     def _learn(self) -> None:
         """Declared demands of pods bound since the last call (the engine's pids grow)."""
@@ -182,18 +198,24 @@ class GapRecorder:
             unit[pid], dem[pid] = rec.unit, (d.sm, d.bw, float(d.mem_bytes))
         self.pod_unit, self.pod_demand = unit, dem
 
-    def _need(self, mask: np.ndarray) -> float:
-        """GPUs the masked pods' declared demand holds: per unit and dimension the sum clamped
-        at the unit, the binding dimension, summed over units."""
+    def _need(self, mask: np.ndarray) -> tuple[float, float]:
+        """GPUs the masked pods' declared demand holds (per unit and dimension the sum clamped
+        at the unit, the binding dimension, summed over units), and the GPUs left on units
+        whose free memory no one of these pods would fit in."""
         u = self.pod_unit[mask]
         if len(u) == 0:
-            return 0.0
+            return 0.0, 0.0
         d = self.pod_demand[mask]
         per = np.stack(
             [np.bincount(u, weights=d[:, j], minlength=self.n_units) for j in range(3)], axis=1
         )
+        free_mem = self.unit_mem - per[:, 2]
         per[:, 2] /= self.unit_mem
-        return float((np.minimum(per, 1.0) * self.to_gpu).max(axis=1).sum())
+        held = (np.minimum(per, 1.0) * self.to_gpu).max(axis=1)
+        in_use = np.bincount(u, minlength=self.n_units) > 0
+        full = in_use & (free_mem < d[:, 2].min())
+        left = self.to_gpu.max(axis=1) - held
+        return float(held.sum()), float(np.maximum(left[full], 0.0).sum())
 
     def sample(self, k: int, n_used: int) -> None:
         """Called once per step after the engine served it."""
@@ -204,11 +226,13 @@ class GapRecorder:
             known = self.pod_unit >= 0
             ready = known & (st == ST_READY)
             bound = known & ((st == ST_READY) | (st == ST_STARTING) | (st == ST_DRAINING))
-            self._held = (self._need(ready), self._need(bound))
+            (d1, _), (d2, stranded) = self._need(ready), self._need(bound)
+            self._held = (d1, d2, stranded)
             self._last_n = n_used
         self.used.append(n_used)
         self.ready.append(self._held[0])
         self.bound.append(self._held[1])
+        self.stranded.append(self._held[2])
 
     def finish(
         self, inputs: np.ndarray, fluid: np.ndarray, packing: np.ndarray, dt: float, every: int
@@ -221,6 +245,7 @@ class GapRecorder:
             np.asarray(self.bound),
             np.asarray(self.used),
             dt,
+            stranded=np.asarray(self.stranded),
             needs=fluid_needs(self.cluster, inputs),
             series_every=every,
         )

@@ -187,3 +187,16 @@ def test_memory_binds_a_units_need():
     h = g2.run(4, used=2, fluid=0.9, packing=2.0)
     assert h.causes["rounding"] == pytest.approx(0.1 * 4)
     assert h.causes["whole pods (memory)"] == pytest.approx(1.0 * 4)
+
+
+def test_a_unit_whose_free_memory_fits_no_pod_is_memory_stranded():
+    s = _Setup()
+    gib = s.ref.memory_bytes
+    s.pod(0, f"sm=0.1,bw=0.1,mem={int(0.8 * gib)}", ready_at=0.0)  # 20 % left: fits no pod
+    s.pod(1, f"sm=0.1,bw=0.1,mem={int(0.3 * gib)}", ready_at=0.0)
+    s.pod(1, f"sm=0.1,bw=0.1,mem={int(0.3 * gib)}", ready_at=0.0)  # 40 % left: a 30 % pod fits
+    g = s.run(5, used=2, fluid=0.5, packing=1.0)
+    assert g.causes["rounding"] == pytest.approx(0.5 * 5)
+    assert g.causes["over-provisioning"] == pytest.approx(0.4 * 5)  # 0.8 + 0.6 declared - 1
+    assert g.causes["memory-stranded"] == pytest.approx(0.2 * 5, rel=1e-6)
+    assert g.causes["fragmentation"] == pytest.approx(0.4 * 5, rel=1e-6)
