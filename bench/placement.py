@@ -1,11 +1,19 @@
-"""Placement benchmark: the simulator's table for the default scenario (16 nodes x 8 GPUs) and
-a large one (128 nodes x 8 GPUs), and how `complementary` fares against the issue's goals.
+"""Placement benchmark: every policy on the default (16 nodes x 8 GPUs), long-prompt (`long`)
+and large (128 nodes x 8 GPUs) scenarios, where each policy's GPU-hours above the fluid bound
+go, the previous main side by side, and complementary against the goals.
 
-    .venv/bin/python bench/placement.py [--only default|large] [--workers N] [--minutes M]
+    .venv/bin/python bench/placement.py [--only default|long|large] [--workers N]
+        [--minutes M] [--baseline REV | --no-baseline]
 
-Goals for complementary (issue 5): GPU-hours <= 1.2x the fluid lower bound, >= 2.5x fewer than
-dedicated, fewer than binpack, SLO attainment >= 99 % and no worse than dedicated. Each goal is
-printed with the figure reached and, when missed, by how much. Wall times are for this machine.
+Per policy: GPU-h, x the fluid bound, x the packing bound, x fewer GPU-hours than dedicated,
+SLO attainment, rebalancer evictions per hour and requests they lost, then the gap
+attribution (sim/gap.py). The previous main (`--baseline`, default dbfc003: main before the
+rebalancer) runs the same scenario through a detached worktree (bench/baseline.py).
+
+Goals for complementary, with the rebalancer (the scenarios' default): GPU-hours <= 1.25x
+the fluid lower bound, >= 2.8x fewer than dedicated, SLO attainment >= 99 % and no more than
+0.1 point below dedicated. Each is printed PASS or FAIL with the figure reached. Wall times
+are for this machine.
 """
 
 from __future__ import annotations
@@ -14,106 +22,112 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sim.report import lower_bound_hours, packing_bound_hours, render_text, rows
-from sim.scenario import DEFAULT_SCENARIO, LARGE_SCENARIO, load_scenario
+from sim.report import lower_bound_hours, packing_bound_hours, render_text, rows, text_table
+from sim.results import RunResult
+from sim.scenario import DEFAULT_SCENARIO, LARGE_SCENARIO, LONG_SCENARIO, load_scenario
 from sim.simulate import default_workers, run_scenario, write_report
 
+PREVIOUS_MAIN = "dbfc003"
+SCENARIOS = {"default": DEFAULT_SCENARIO, "long": LONG_SCENARIO, "large": LARGE_SCENARIO}
+MAX_VS_FLUID = 1.25
+MIN_FEWER_THAN_DEDICATED = 2.8
+MIN_SLO = 0.99
+MAX_SLO_POINTS_BELOW_DEDICATED = 0.1
 
-def goals(results) -> list[tuple[str, bool, str]]:
+
+def _rebalancer(r: RunResult) -> tuple[float, int] | None:
+    """(evictions per hour, requests lost) of a run with the rebalancer, else None."""
+    stats = r.extra.get("rebalancer")
+    if stats is None:
+        return None
+    hours = r.duration_s / 3600.0
+    return stats.evictions / hours if hours else 0.0, stats.requests_lost
+
+
+def policy_table(results: list[RunResult], previous: dict[str, Any] | None) -> str:
+    lb, plb = lower_bound_hours(results), packing_bound_hours(results)
+    by = {r.policy: r for r in rows(results)}
+    ded = by.get("dedicated")
+    heads = ["policy", "GPU-h", "x fluid", "x packing", "x fewer than dedicated", "SLO met",
+             "evictions/h", "requests lost"]
+    prev_rows = {p["policy"]: p for p in (previous or {}).get("rows", [])}
+    if previous is not None:
+        heads += [f"{PREVIOUS_MAIN} GPU-h", f"{PREVIOUS_MAIN} SLO", "GPU-h change"]
+    body = []
+    for r in results:
+        row = by[r.policy]
+        reb = _rebalancer(r)
+        cells = [
+            r.policy,
+            f"{row.gpu_hours:.1f}",
+            f"{row.gpu_hours / lb:.2f}" if lb else "-",
+            f"{row.gpu_hours / plb:.2f}" if plb else "-",
+            f"{ded.gpu_hours / row.gpu_hours:.2f}" if ded and row.gpu_hours else "-",
+            f"{row.slo:.2%}",
+            f"{reb[0]:.1f}" if reb else "-",
+            f"{reb[1]}" if reb else "-",
+        ]
+        if previous is not None:
+            p = prev_rows.get(r.policy)
+            cells += (
+                [f"{p['gpu_hours']:.1f}", f"{p['slo']:.2%}",
+                 f"{(row.gpu_hours / p['gpu_hours'] - 1):+.1%}" if p["gpu_hours"] else "-"]
+                if p else ["-", "-", "-"]
+            )
+        body.append(cells)
+    return text_table(heads, body)
+
+
+def goals(results: list[RunResult]) -> list[tuple[str, bool, str]]:
     by = {r.policy: r for r in rows(results)}
     lb = lower_bound_hours(results)
-    c, d, b = by.get("complementary"), by.get("dedicated"), by.get("binpack")
+    c, d = by.get("complementary"), by.get("dedicated")
     out: list[tuple[str, bool, str]] = []
     if c is None:
         return out
-    ratio_lb = c.gpu_hours / lb if lb else float("inf")
-    out.append(
-        (
-            "GPU-hours <= 1.2x fluid lower bound",
-            ratio_lb <= 1.2,
-            f"{ratio_lb:.2f}x ({c.gpu_hours:.1f} vs bound {lb:.1f} GPU-h)",
-        )
-    )
-    plb = packing_bound_hours(results)
-    if plb > 0 and lb > 0:  # context, not a goal: the part of the gap no placement can close
-        out.append(
-            (
-                "(info) vs packing lower bound (pods and GPUs whole)",
-                c.gpu_hours <= 1.2 * plb,
-                f"{c.gpu_hours / plb:.2f}x ({plb:.1f} GPU-h = {plb / lb:.2f}x the fluid bound)",
-            )
-        )
+    ratio = c.gpu_hours / lb if lb else float("inf")
+    out.append((f"GPU-hours <= {MAX_VS_FLUID}x the fluid lower bound", ratio <= MAX_VS_FLUID,
+                f"{ratio:.2f}x ({c.gpu_hours:.1f} vs bound {lb:.1f} GPU-h)"))
     if d is not None:
         fewer = d.gpu_hours / c.gpu_hours if c.gpu_hours else float("inf")
-        out.append(
-            (
-                ">= 2.5x fewer GPU-hours than dedicated",
-                fewer >= 2.5,
-                f"{fewer:.2f}x fewer ({c.gpu_hours:.1f} vs {d.gpu_hours:.1f} GPU-h)",
-            )
-        )
-        out.append(
-            (
-                "SLO attainment no worse than dedicated",
-                c.slo >= d.slo,
-                f"{c.slo:.2%} vs {d.slo:.2%} ({(c.slo - d.slo) * 100:+.2f} points)",
-            )
-        )
-    if b is not None:
-        out.append(
-            (
-                "fewer GPU-hours than binpack",
-                c.gpu_hours < b.gpu_hours,
-                f"{c.gpu_hours:.1f} vs {b.gpu_hours:.1f} GPU-h (binpack SLO {b.slo:.2%})",
-            )
-        )
-    out.append(("SLO attainment >= 99 %", c.slo >= 0.99, f"{c.slo:.2%}"))
+        out.append((f">= {MIN_FEWER_THAN_DEDICATED}x fewer GPU-hours than dedicated",
+                    fewer >= MIN_FEWER_THAN_DEDICATED,
+                    f"{fewer:.2f}x ({c.gpu_hours:.1f} vs {d.gpu_hours:.1f} GPU-h)"))
+    out.append((f"SLO attainment >= {MIN_SLO:.0%}", c.slo >= MIN_SLO, f"{c.slo:.2%}"))
+    if d is not None:
+        below = (d.slo - c.slo) * 100
+        out.append((f"SLO at most {MAX_SLO_POINTS_BELOW_DEDICATED} point below dedicated",
+                    below <= MAX_SLO_POINTS_BELOW_DEDICATED + 1e-12,
+                    f"{c.slo:.2%} vs {d.slo:.2%} ({-below:+.2f} points)"))
     return out
 
 
-def _before(scenario):
-    """complementary with the packing features off: the row the changes are measured against."""
-    from sim.run import run_policy
-    from sim.workload import build_workload
+def _previous(scenario, workers: int, rev: str) -> tuple[dict[str, Any] | None, str]:
+    from bench.baseline import run_baseline
 
-    by_policy = {k: dict(v) for k, v in scenario.extender_by_policy.items()}
-    entry = by_policy.setdefault("complementary", {})
-    entry["policy"] = {
-        **dict(entry.get("policy") or {}),
-        "fragmentation_weight": 0.0,
-        "separate_bursty_replicas": False,
-    }
-    old = scenario.model_copy(
-        update={
-            "extender_by_policy": by_policy,
-            "autoscaler": scenario.autoscaler.model_copy(update={"prefill_demand": "burst"}),
-        }
-    )
-    r = run_policy(old, "complementary", build_workload(old))
-    r.policy = "compl. (before)"
-    return r
+    t0 = time.perf_counter()
+    try:
+        prev = run_baseline(rev, scenario, list(scenario.policies), workers)
+    except Exception as e:  # an old tree that cannot run this scenario: say so, go on
+        return None, f"previous main {rev} could not run: {type(e).__name__}: {str(e)[:300]}"
+    return prev, f"previous main {rev}: {time.perf_counter() - t0:.0f} s wall"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=["default", "large"], default=None)
+    ap.add_argument("--only", choices=list(SCENARIOS), action="append", default=None)
     ap.add_argument("--workers", type=int, default=0, help="processes (0: up to 2)")
     ap.add_argument("--minutes", type=float, default=None, help="shorten the scenarios")
     ap.add_argument("--out", type=Path, default=Path("out"))
-    ap.add_argument(
-        "--before",
-        action="store_true",
-        help="also run complementary as it was before the packing work (plain vector best-fit, "
-        "prefill pods declaring their burst, replicas not separated), same traffic and pods",
-    )
+    ap.add_argument("--baseline", default=PREVIOUS_MAIN, help="the previous main's commit")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the previous main")
     args = ap.parse_args()
     workers = args.workers or default_workers()
-    todo = [("default", DEFAULT_SCENARIO), ("large", LARGE_SCENARIO)]
-    if args.only:
-        todo = [t for t in todo if t[0] == args.only]
+    todo = [(k, v) for k, v in SCENARIOS.items() if not args.only or k in args.only]
     for label, path in todo:
         scenario = load_scenario(path)
         if args.minutes:
@@ -122,27 +136,24 @@ def main() -> int:
         nodes = sum(p.count for p in scenario.cluster.pools)
         t0 = time.perf_counter()
         results = run_scenario(scenario, workers=workers)
-        if args.before:
-            results.append(_before(scenario))
         wall = time.perf_counter() - t0
         report = write_report(results, args.out, scenario)
+        prev, prev_note = (None, "previous main skipped")
+        if not args.no_baseline:
+            prev, prev_note = _previous(scenario, workers, args.baseline)
         print(
             f"\n== {label}: {nodes} nodes, {gpus} GPUs, {len(scenario.services)} services, "
             f"{len(results[0].requests):,} requests, {scenario.duration_s / 60:.0f} simulated "
-            f"minutes; {wall:.0f} s wall with {workers} worker(s) on this machine"
+            f"minutes; {wall:.0f} s wall with {workers} worker(s) on this machine; {prev_note}"
         )
         print(render_text(results))
-        for r in results:
-            print(
-                f"   {r.policy:<14} {len(r.pods)} pods, <= {r.max_pods_per_unit} per unit, "
-                f"{r.unschedulable_attempts} unschedulable attempts, extender calls "
-                f"{r.extender_calls['filter']}/{r.extender_calls['prioritize']}/"
-                f"{r.extender_calls['bind']} (filter/prioritize/bind), {r.wall_s:.0f} s"
-            )
-        print("   goals for complementary:")
+        print()
+        print(policy_table(results, prev))
+        rebal = ", ".join(scenario.rebalancer.policies) or "none"
+        print(f"   (rebalancer on: {rebal})")
+        print(f"   goals for complementary ({label}):")
         for name, ok, detail in goals(results):
-            tag = "info" if name.startswith("(info)") else ("met " if ok else "MISS")
-            print(f"   [{tag}] {name.removeprefix('(info) ')}: {detail}")
+            print(f"   {'PASS' if ok else 'FAIL'} {label}: {name}: {detail}")
         print(f"   report: {report}")
     return 0
 

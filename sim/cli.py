@@ -23,7 +23,7 @@ def _run(scenario: Scenario, out: Path, policies: list[str] | None, workers: int
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sim.report import rich_table
+    from sim.report import rich_gap_table, rich_table
     from sim.simulate import run_scenario, write_report
 
     console = Console(width=max(Console().width, 170))
@@ -67,6 +67,7 @@ def _run(scenario: Scenario, out: Path, policies: list[str] | None, workers: int
         console.print(f"[red]cannot write the report under {out}[/red]: {e.strerror or e}")
         raise typer.Exit(1) from None
     console.print(rich_table(results, f"{scenario.name} ({time.perf_counter() - t0:.0f} s)"))
+    console.print(rich_gap_table(results))
     console.print(f"report: {path}")
 
 

@@ -27,21 +27,32 @@ def _gpus_needed(demand: np.ndarray, capacities: np.ndarray) -> np.ndarray:
     return need
 
 
-def fluid_lower_bound(cluster: Cluster, inputs: np.ndarray) -> np.ndarray:
-    """GPUs needed per step; `inputs[k] = (flop/s, bytes/s, memory bytes)` of step k."""
+DIMENSIONS = ("compute", "bandwidth", "memory")
+
+
+def fluid_needs(cluster: Cluster, inputs: np.ndarray) -> np.ndarray:
+    """GPUs needed per step and per dimension, shape (steps, 3) in `DIMENSIONS` order;
+    `inputs[k] = (flop/s, bytes/s, memory bytes)` of step k. Kept apart from the bound so the
+    gap attribution (sim/gap.py) can say which dimension binds."""
     if len(inputs) == 0:
-        return np.zeros(0)
+        return np.zeros((0, 3))
     specs = {}
     for u in cluster.units:
         specs[u.gpu_uuid] = u.type.spec
     gpus = list(specs.values())
-    flops = np.array([g.bf16_flops for g in gpus])
-    bw = np.array([g.hbm_bw for g in gpus])
-    mem = np.array([float(g.memory_bytes) for g in gpus])
-    n_c = _gpus_needed(inputs[:, 0], flops)
-    n_b = _gpus_needed(inputs[:, 1], bw)
-    n_m = _gpus_needed(inputs[:, 2], mem)
-    return np.maximum(np.maximum(n_c, n_b), n_m)
+    caps = (
+        np.array([g.bf16_flops for g in gpus]),
+        np.array([g.hbm_bw for g in gpus]),
+        np.array([float(g.memory_bytes) for g in gpus]),
+    )
+    return np.stack([_gpus_needed(inputs[:, d], caps[d]) for d in range(3)], axis=1)
+
+
+def fluid_lower_bound(cluster: Cluster, inputs: np.ndarray) -> np.ndarray:
+    """GPUs needed per step: the binding dimension of `fluid_needs`."""
+    if len(inputs) == 0:
+        return np.zeros(0)
+    return fluid_needs(cluster, inputs).max(axis=1)
 
 
 def memory_bin_bound(sizes: np.ndarray, capacity: float) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.gap import CAUSES, GAP_HEADERS, gap_rows
 from sim.results import RunResult
 
 
@@ -138,9 +139,9 @@ def table_cells(results: Sequence[RunResult]) -> list[list[str]]:
     return lines
 
 
-def render_text(results: Sequence[RunResult]) -> str:
-    cells = [list(HEADERS), *table_cells(results)]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(HEADERS))]
+def text_table(headers: Sequence[str], body: list[list[str]]) -> str:
+    cells = [list(headers), *body]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     out = []
     for j, r in enumerate(cells):
         pairs = enumerate(zip(r, widths, strict=True))
@@ -150,15 +151,34 @@ def render_text(results: Sequence[RunResult]) -> str:
     return "\n".join(out)
 
 
-def rich_table(results: Sequence[RunResult], title: str):
+def render_text(results: Sequence[RunResult]) -> str:
+    """The table, then where each run's GPU-hours above its own fluid bound go."""
+    text = text_table(HEADERS, table_cells(results))
+    gap = gap_rows(results)
+    if gap:
+        text += "\n\nGPU-hours above each run's own fluid bound, by cause (sim/gap.py):\n"
+        text += text_table(GAP_HEADERS, gap)
+    return text
+
+
+def _rich(headers: Sequence[str], body: list[list[str]], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for i, h in enumerate(HEADERS):
+    for i, h in enumerate(headers):
         t.add_column(h, justify="left" if i == 0 else "right")
-    for cells in table_cells(results):
+    for cells in body:
         t.add_row(*cells)
     return t
+
+
+def rich_table(results: Sequence[RunResult], title: str):
+    return _rich(HEADERS, table_cells(results), title)
+
+
+def rich_gap_table(results: Sequence[RunResult]):
+    """The gap attribution per policy, GPU-h (share of the excess)."""
+    return _rich(GAP_HEADERS, gap_rows(results), "where the GPU-hours above the fluid bound go")
 
 
 # --- HTML ---------------------------------------------------------------------------------
@@ -204,6 +224,25 @@ def _plots(results: Sequence[RunResult]) -> list[tuple[str, str]]:
     axes[0][0].set_ylabel("mean bandwidth use")
     out.append(("Per-GPU SM vs bandwidth utilization (mean over time in use)", _png(fig)))
 
+    gapped = [r for r in results if r.gap is not None and r.gap.series.shape[1]]
+    if gapped:
+        n = len(gapped)
+        fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False, sharey=True)
+        for ax, r in zip(axes[0], gapped, strict=True):
+            g = r.gap
+            ax.stackplot(
+                g.series_t / 60, g.series, labels=("fluid need", *CAUSES), step="post", alpha=0.85
+            )
+            ax.step(g.series_t / 60, g.series.sum(axis=0), "k", where="post", lw=0.8)
+            ax.set_title(f"{r.policy} ({g.excess_s / 3600:.1f} GPU-h above)", fontsize=9)
+            ax.set_xlabel("simulated minutes")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("GPUs in use")
+        axes[0][0].legend(loc="upper left", fontsize=7)
+        out.append(
+            ("GPUs in use over the fluid bound, the excess stacked by cause", _png(fig))
+        )
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for r in results:
         for ax, x in ((a1, r.requests.ttft), (a2, r.requests.tpot)):
@@ -231,6 +270,18 @@ def write_html(results: Sequence[RunResult], path: Path, *, title: str, notes: s
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
         for cells in table_cells(results)
     )
+    if gap_rows(results):
+        body_gap = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+            for cells in gap_rows(results)
+        )
+        head_gap = "".join(f"<th>{html.escape(h)}</th>" for h in GAP_HEADERS)
+        gap_table = (
+            "<h2>GPU-hours above each run's fluid bound, by cause</h2>"
+            f"<table><thead><tr>{head_gap}</tr></thead><tbody>{body_gap}</tbody></table>"
+        )
+    else:
+        gap_table = ""
     figs = "".join(
         f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
         for t, b in _plots(results)
@@ -248,6 +299,6 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
 td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<ul>{detail}</ul>{figs}</body></html>"""
+<ul>{detail}</ul>{gap_table}{figs}</body></html>"""
     path.write_text(doc)
     return path

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sim.engine import Requests
+from sim.gap import GapAttribution
 
 
 @dataclass
@@ -63,6 +64,8 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
     # whole pods on whole GPUs (lower_bound.packing_lower_bound): >= the fluid bound
     packing_lb_gpu_seconds: float = 0.0
+    # where the GPU time above this run's own fluid bound goes (sim/gap.py)
+    gap: GapAttribution | None = None
 
     @property
     def gpu_hours(self) -> float:

@@ -26,6 +26,7 @@ from sim.catalog import unit_type
 from sim.cluster import Cluster, build_cluster
 from sim.deployment import Deployments
 from sim.engine import DECODE, PREFILL, Engine, Requests
+from sim.gap import GapRecorder
 from sim.harness import ExtenderHarness
 from sim.kube import KubeScheduler
 from sim.perf import PerfTables, core_unit_type
@@ -340,6 +341,7 @@ def run_policy(
         return lost
 
     retry = scenario.scheduler.retry_s
+    gap = GapRecorder(cluster, engine, demand_model, by_pid)
     for k in range(n_steps):
         t = k * dt
         now[0] = t
@@ -373,6 +375,7 @@ def run_policy(
         # Utilization of the GPUs in use, the lower bound's inputs, the count.
         n_used = int(gpu_in_use.sum())
         gpu_seconds += n_used * dt
+        gap.sample(k, n_used)
         peak = max(peak, n_used)
         if n_used:
             g_sm = np.bincount(unit_gpu, weights=act.tensor * unit_sm_frac, minlength=n_gpus)
@@ -441,4 +444,5 @@ def run_policy(
         wall_s=time.perf_counter() - wall0,
         gpu_count=n_gpus,
         extra={"rebalancer": rebal.stats} if rebal is not None else {},
+        gap=gap.finish(np.asarray(lb_inputs), lb, plb, dt, series_every),
     )

@@ -20,12 +20,13 @@ def test_sim_command_writes_the_table_and_a_self_contained_report(tmp_path: Path
     out = tmp_path / "out"
     res = runner.invoke(app, ["sim", "--config", str(cfg), "--out", str(out), "--workers", "1"])
     assert res.exit_code == 0, res.output
-    for word in ("dedicated", "complementary", "fluid lower bound", "GPU-h", "SLO met"):
+    for word in ("dedicated", "complementary", "fluid lower bound", "GPU-h", "SLO met",
+                 "over-provisioning", "start/drain", "fragmentation"):
         assert word in res.output
     report = out / "small-report.html"
     assert f"report: {report}" in res.output.replace("\n", "")
     html = report.read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4
     assert "<table>" in html and "complementary" in html
 
 

@@ -123,3 +123,19 @@ def test_packing_bound_rounds_up_and_covers_memory() -> None:
     sets = [(), (int(0.6 * cap), int(0.6 * cap))]
     out = packing_lower_bound(cl, fluid, sets, np.array([0, 0, 0, 1]))
     assert out.tolist() == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_fluid_needs_per_dimension_and_the_bound_is_their_max() -> None:
+    from sim.lower_bound import DIMENSIONS, fluid_needs
+
+    cl = _cluster()
+    h100 = gpu_spec("H100-SXM")
+    inputs = np.array([[0.5 * h100.bf16_flops, 0.0, 0.25 * h100.memory_bytes]])
+    needs = fluid_needs(cl, inputs)
+    assert needs.shape == (1, len(DIMENSIONS))
+    # the H200 is filled first: memory is a fraction of its (larger) memory
+    h200 = gpu_spec("H200")
+    assert needs[0, 2] == pytest.approx(0.25 * h100.memory_bytes / h200.memory_bytes)
+    assert needs[0, 1] == 0.0
+    assert fluid_lower_bound(cl, inputs)[0] == needs.max()
+    assert fluid_needs(cl, np.zeros((0, 3))).shape == (0, 3)

@@ -1,0 +1,202 @@
+"""Gap attribution (sim/gap.py): the causes add up to the excess over the fluid bound exactly,
+the levels are nested, and hand-built clusters put each GPU-second where it belongs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.inventory import DEMAND_ANNOTATION
+from sim.catalog import model as catalog_model
+from sim.catalog import unit_type
+from sim.cluster import build_cluster
+from sim.engine import DECODE, Engine, Requests
+from sim.gap import CAUSES, GapRecorder, attribute, nested_levels
+from sim.perf import PerfTables
+from sim.results import PodRecord
+from sim.run import run_policy
+from sim.scenario import ClusterSpec
+from sim.workload import build_workload
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize("policy", ["dedicated", "complementary"])
+def test_causes_sum_to_the_runs_excess_exactly(small, policy):
+    r = run_policy(small, policy, build_workload(small))
+    g = r.gap
+    assert g is not None
+    assert g.used_s == pytest.approx(r.gpu_seconds, rel=1e-12)
+    assert g.fluid_s == pytest.approx(r.lb_gpu_seconds, rel=1e-12)
+    excess = r.gpu_seconds - r.lb_gpu_seconds
+    assert excess > 0
+    assert math.isclose(sum(g.causes.values()), excess, rel_tol=1e-12, abs_tol=1e-9)
+    assert list(g.causes) == list(CAUSES)
+    assert min(g.causes.values()) >= -1e-9  # levels nested: no negative cause
+    assert (g.series[1:] >= -1e-9).all()
+    # the stacked series tops out at the GPUs in use, on average over the run
+    assert g.series.sum(axis=0).mean() == pytest.approx(r.gpu_seconds / r.duration_s, rel=1e-6)
+    assert sum(g.binding.values()) == pytest.approx(1.0)
+
+
+def test_dedicated_loses_more_to_fragmentation_than_complementary(small):
+    """One pod per GPU leaves most of each GPU idle; packing fills it."""
+    wl = build_workload(small)
+    ded = run_policy(small, "dedicated", wl).gap
+    com = run_policy(small, "complementary", wl).gap
+    assert ded.causes["fragmentation"] > com.causes["fragmentation"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(*(st.floats(0, 20, allow_nan=False) for _ in range(4)), st.integers(0, 20)),
+        min_size=1,
+        max_size=30,
+    ),
+    st.sampled_from([0.25, 0.5, 1.0]),
+)
+def test_levels_nest_and_causes_telescope(rows, dt):
+    a = np.array(rows, dtype=float)
+    fluid = np.minimum(a[:, 0], a[:, 4])  # a bound never above the GPUs in use
+    lv = nested_levels(fluid, a[:, 1], a[:, 2], a[:, 3], a[:, 4])
+    assert (np.diff(lv, axis=0) >= 0).all()
+    assert (lv[-1] == a[:, 4]).all() and (lv[0] == fluid).all()
+    g = attribute(fluid, a[:, 1], a[:, 2], a[:, 3], a[:, 4], dt, series_every=3)
+    assert math.isclose(
+        sum(g.causes.values()), (a[:, 4] - fluid).sum() * dt, rel_tol=1e-12, abs_tol=1e-9
+    )
+    assert min(g.causes.values()) >= -1e-9
+
+
+# --- hand-built clusters: a real Engine and real pods, demands declared in full ----------
+
+
+class _Setup:
+    """Two H100s, one service; pods declare `copack.io/demand` in full (no roofline)."""
+
+    def __init__(self) -> None:
+        self.cluster = build_cluster(
+            ClusterSpec.model_validate(
+                {"pools": [{"name": "a", "count": 1, "gpus_per_node": 2, "product": "H100-SXM"}]}
+            )
+        )
+        m = catalog_model(MODEL)
+        self.ref = unit_type("H100-SXM", None)
+        self.perf = PerfTables([m], self.ref)
+        self.ptype = self.perf.type_id(m, self.ref)
+        empty = np.zeros(0)
+        units = self.cluster.units
+        self.engine = Engine(
+            Requests(empty, empty.astype(np.int64), empty.astype(np.int64), empty.astype(int)),
+            1,
+            self.perf,
+            len(units),
+            unit_mps=np.array([u.mps for u in units]),
+            unit_flops=np.array([u.type.flops for u in units]),
+            unit_bw=np.array([u.type.bandwidth for u in units]),
+            kv_transfer_s=empty,
+            dt=1.0,
+        )
+        self.by_pid: dict[int, PodRecord] = {}
+        from workloads.roofline import DemandModel
+
+        self.rec = GapRecorder(self.cluster, self.engine, DemandModel(), self.by_pid, every=1)
+
+    def pod(self, unit: int, demand: str, ready_at: float) -> int:
+        name = f"p{len(self.by_pid)}"
+        obj = {
+            "metadata": {
+                "name": name,
+                "annotations": {"copack.io/role": "decode", DEMAND_ANNOTATION: demand},
+            },
+            "spec": {},
+        }
+        rec = PodRecord(name, 0, DECODE, obj, 0.0, 0.0, state="bound", unit=unit)
+        rec.pid = self.engine.add_pod(0, DECODE, unit, self.ptype, 1.0, ready_at, 8)
+        self.by_pid[rec.pid] = rec
+        return rec.pid
+
+    def run(self, steps: int, used: int, fluid: float, packing: float | None = None):
+        for k in range(steps):
+            self.engine.step(float(k))
+            self.rec.sample(k, used)
+        f = np.full(steps, fluid)
+        p = np.full(steps, packing if packing is not None else math.ceil(fluid))
+        return self.rec.finish(np.zeros((steps, 3)), f, p, 1.0, 1)
+
+
+def test_one_small_pod_on_a_whole_gpu_is_rounding():
+    s = _Setup()
+    s.pod(0, "sm=0.1,bw=0.2,mem=16Gi", ready_at=0.0)
+    g = s.run(10, used=1, fluid=0.2)
+    assert g.causes["rounding"] == pytest.approx(0.8 * 10)
+    assert sum(v for k, v in g.causes.items() if k != "rounding") == pytest.approx(0.0)
+
+
+def test_declared_but_unserved_demand_is_over_provisioning():
+    s = _Setup()
+    s.pod(0, "sm=0.8,bw=0.3,mem=16Gi", ready_at=0.0)
+    s.pod(1, "sm=0.8,bw=0.3,mem=16Gi", ready_at=0.0)
+    g = s.run(10, used=2, fluid=0.6)  # the two serve 0.3 each
+    assert g.causes["rounding"] == pytest.approx(0.4 * 10)
+    assert g.causes["over-provisioning"] == pytest.approx(0.6 * 10)  # 1.6 declared - 1
+    assert g.causes["fragmentation"] == pytest.approx(0.4 * 10)  # 0.2 of each GPU unheld
+    assert g.causes["start/drain"] == pytest.approx(0.0)
+
+
+def test_a_pod_loading_its_model_is_start_drain_until_ready():
+    s = _Setup()
+    s.pod(0, "sm=1.0,bw=0.5,mem=16Gi", ready_at=0.0)
+    s.pod(1, "sm=0.2,bw=0.5,mem=16Gi", ready_at=4.0)  # starting for steps 0-3
+    g = s.run(10, used=2, fluid=1.0)
+    assert g.causes["start/drain"] == pytest.approx(0.5 * 4)
+    assert g.causes["over-provisioning"] == pytest.approx(0.5 * 6)  # ready, serving nothing
+    assert g.causes["fragmentation"] == pytest.approx(0.5 * 10)
+    assert g.causes["rounding"] == pytest.approx(0.0)
+
+
+def test_a_draining_pod_is_start_drain_and_demands_clamp_per_unit():
+    s = _Setup()
+    s.pod(0, "sm=0.7,bw=0.2,mem=16Gi", ready_at=0.0)
+    s.pod(0, "sm=0.7,bw=0.2,mem=16Gi", ready_at=0.0)  # 1.4 of one unit: holds 1 GPU, not 1.4
+    gone = s.pod(1, "sm=0.1,bw=0.4,mem=16Gi", ready_at=0.0)
+    s.engine.drain(gone)
+    g = s.run(10, used=2, fluid=1.0)
+    assert g.causes["start/drain"] == pytest.approx(0.4 * 10)
+    assert g.causes["fragmentation"] == pytest.approx(0.6 * 10)
+    assert g.causes["over-provisioning"] == pytest.approx(0.0)
+
+
+def test_memory_binds_a_units_need():
+    s = _Setup()
+    mem = int(0.75 * s.ref.memory_bytes)
+    s.pod(0, f"sm=0.1,bw=0.1,mem={mem}", ready_at=0.0)
+    s.pod(1, f"sm=0.1,bw=0.1,mem={mem}", ready_at=0.0)
+    g = s.run(4, used=2, fluid=1.5, packing=2.0)  # two 75 % pods cannot share one GPU
+    assert g.causes["rounding"] == pytest.approx(0.5 * 4)
+    assert g.causes["whole pods (memory)"] == pytest.approx(0.0)
+    assert g.causes["fragmentation"] == pytest.approx(0.0)
+    g2 = _Setup()
+    g2.pod(0, f"sm=0.1,bw=0.1,mem={mem}", ready_at=0.0)
+    g2.pod(1, f"sm=0.1,bw=0.1,mem={mem}", ready_at=0.0)
+    h = g2.run(4, used=2, fluid=0.9, packing=2.0)
+    assert h.causes["rounding"] == pytest.approx(0.1 * 4)
+    assert h.causes["whole pods (memory)"] == pytest.approx(1.0 * 4)
+
+
+def test_a_unit_whose_free_memory_fits_no_pod_is_memory_stranded():
+    s = _Setup()
+    gib = s.ref.memory_bytes
+    s.pod(0, f"sm=0.1,bw=0.1,mem={int(0.8 * gib)}", ready_at=0.0)  # 20 % left: fits no pod
+    s.pod(1, f"sm=0.1,bw=0.1,mem={int(0.3 * gib)}", ready_at=0.0)
+    s.pod(1, f"sm=0.1,bw=0.1,mem={int(0.3 * gib)}", ready_at=0.0)  # 40 % left: a 30 % pod fits
+    g = s.run(5, used=2, fluid=0.5, packing=1.0)
+    assert g.causes["rounding"] == pytest.approx(0.5 * 5)
+    assert g.causes["over-provisioning"] == pytest.approx(0.4 * 5)  # 0.8 + 0.6 declared - 1
+    assert g.causes["memory-stranded"] == pytest.approx(0.2 * 5, rel=1e-6)
+    assert g.causes["fragmentation"] == pytest.approx(0.4 * 5, rel=1e-6)
