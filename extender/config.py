@@ -6,7 +6,9 @@ policy on a production cluster."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,9 +146,8 @@ class LeaderElectionSection(_Strict):
         return self
 
     def resolved_identity(self) -> str:
-        from extender.leader import default_identity
-
-        return self.identity or default_identity()
+        """POD_NAME (the Deployment sets it from the downward API), else the hostname."""
+        return self.identity or os.environ.get("POD_NAME") or socket.gethostname()
 
 
 class ExtenderConfig(_Strict):

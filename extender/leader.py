@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,11 +36,6 @@ log = logging.getLogger("copack.extender.leader")
 # Slack kept between the end of a bind's request budget and the earliest moment a rival can
 # hold the Lease (a timed-out request may still be processed by the API server a bit later).
 SAFETY_MARGIN_S = 1.0
-
-
-def default_identity() -> str:
-    """POD_NAME (the Deployment sets it from the downward API), else the hostname."""
-    return os.environ.get("POD_NAME") or socket.gethostname()
 
 
 def micro_time(t: datetime | None = None) -> datetime:
