@@ -258,7 +258,7 @@ def _plots(results: Sequence[RunResult]) -> list[tuple[str, str]]:
         for s in np.unique(slo):
             ax.axvline(s * 1000, color="grey", ls=":", lw=1)
         ax.grid(alpha=0.3)
-    a1.legend(loc="upper right", fontsize=8)
+    a1.legend(loc="lower right", fontsize=8)
     out.append(("TTFT and TPOT CDFs (dotted: SLO targets)", _png(fig)))
     return out
 
