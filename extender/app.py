@@ -78,8 +78,10 @@ def create_app(
         if not state.synced:
             return Response(content=b"cluster state not synced", status_code=503,
                             media_type="text/plain")
+        # Ready = warm (synced), standby included, so a PodDisruptionBudget counts every
+        # replica; the Service reaches the leader by its copack.io/extender-role label.
         if leadership is not None and not leadership.is_leader():
-            return Response(content=leadership.standby_reason().encode(), status_code=503,
+            return Response(content=f"ok; {leadership.standby_reason()}".encode(),
                             media_type="text/plain")
         return Response(content=b"ok", media_type="text/plain")
 

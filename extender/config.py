@@ -114,6 +114,11 @@ class LeaderElectionSection(_Strict):
     lease_duration_s: float = Field(default=15.0, gt=0.0)
     renew_deadline_s: float = Field(default=10.0, gt=0.0)
     retry_period_s: float = Field(default=2.0, gt=0.0)
+    # The label copack.io/extender-role=leader|standby on this replica's own pod, which the
+    # Service selects on (extender/role_label.py); also without election (always leader).
+    route_label: bool = True
+    # the pod's namespace; null: the POD_NAMESPACE environment variable; neither: no label
+    pod_namespace: str | None = None
 
     @field_validator("lease_name", "lease_namespace")
     @classmethod
@@ -144,6 +149,11 @@ class LeaderElectionSection(_Strict):
                 f"renew_deadline_s ({self.renew_deadline_s})"
             )
         return self
+
+    def resolved_pod_namespace(self) -> str | None:
+        if not self.route_label:
+            return None
+        return self.pod_namespace or os.environ.get("POD_NAMESPACE") or None
 
     def resolved_identity(self) -> str:
         """POD_NAME (the Deployment sets it from the downward API), else the hostname."""

@@ -23,6 +23,7 @@ from extender.binder import Binder, KubeBinder
 from extender.config import ExtenderConfig
 from extender.kube_watch import ClusterWatcher
 from extender.leader import LeaderElector
+from extender.role_label import RoleLabeler
 from extender.state import ClusterState
 from extender.telemetry import TelemetrySubscriber
 
@@ -143,6 +144,15 @@ class ExtenderService:
             else None
         )
         self.app = create_app(self.state, config, self.binder, self.leadership)
+        pod_ns = le.resolved_pod_namespace()
+        self.labeler = (
+            RoleLabeler(
+                self.api_client, le.resolved_identity(), pod_ns,
+                lambda: self.state.synced and self.is_leader(), le.retry_period_s,
+            )
+            if pod_ns is not None
+            else None
+        )
         self._sock: socket.socket | None = None
         self._port: int | None = None
         self._stopped = threading.Event()
@@ -227,6 +237,8 @@ class ExtenderService:
         self.watcher.start()
         if self.elector is not None:
             self.elector.start()
+        if self.labeler is not None:
+            self.labeler.start()
         if self.telemetry is not None:
             self.telemetry.start()
         threading.Thread(target=self._freeze_after_sync, name="copack-gc-freeze",
@@ -282,6 +294,8 @@ class ExtenderService:
 
     def _stop_background(self, release_lease: bool = True) -> None:
         self._stopped.set()
+        if self.labeler is not None:  # the Service moves on before the Lease is released
+            self.labeler.stop(relabel=release_lease)
         if self.elector is not None:
             self.elector.stop(release=release_lease)
         if self.telemetry is not None:

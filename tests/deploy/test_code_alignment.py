@@ -106,10 +106,17 @@ def test_extender_config_elects_a_leader_on_a_lease_its_role_covers() -> None:
     assert le.renew_deadline_s < le.lease_duration_s
     role = one(objs, "Role", "copack-extender-leader-election")
     assert role["metadata"]["namespace"] == le.lease_namespace
-    assert [r["resources"] for r in role["rules"]] == [["leases"]]
+    assert [r["resources"] for r in role["rules"]] == [["leases"], ["pods"]]
     dep = one(objs, "Deployment", "copack-extender")
     env = {e["name"]: e for e in pod_spec(dep)["containers"][0]["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # the pod labelled is the replica's own, in the namespace of the Role granting the patch
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert le.route_label and dep["metadata"]["namespace"] == role["metadata"]["namespace"]
+    from extender.role_label import ROLE_LABEL
+
+    svc = one(objs, "Service", "copack-extender")
+    assert svc["spec"]["selector"][ROLE_LABEL] == "leader"
 
 
 def test_rebalancer_runs_a_command_with_the_port_and_probes_it_serves() -> None:
