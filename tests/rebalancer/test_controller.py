@@ -163,3 +163,28 @@ def test_report_is_json(fake_kube: FakeKube, start_rebalancer) -> None:
     svc = start_rebalancer(dry_run=True)
     eventually(lambda: settled(svc, 2), what="two pods placed")
     assert orjson.loads(orjson.dumps(svc.controller.round()))["dry_run"] is True
+
+
+def test_every_request_it_makes_is_within_its_role(fake_kube: FakeKube, start_rebalancer) -> None:
+    """What the rendered ClusterRole of copack-rebalancer grants covers every request seen."""
+    from tests.deploy.manifests import render
+    from tests.deploy.rbac_calls import Permission
+    from tests.deploy.test_rbac import granted
+
+    add_node(fake_kube, "n1", gpus=4)
+    for i, w in enumerate("abcd"):
+        add_running_pod(fake_kube, w, "n1", i, workload=f"rs-{w}")
+    add_pdb(fake_kube, "vllm", allowed=1)
+    fake_kube.server.clear_requests()
+    svc = start_rebalancer(max_gpus_per_round=2)
+    eventually(lambda: settled(svc, 4), what="four pods placed")
+    svc.controller.round()
+    eventually(lambda: settled(svc, 3), what="the evicted pod to leave the view")
+    svc.controller.reconcile()
+    have = granted(render("base"), "copack-rebalancer")
+    groups = {"poddisruptionbudgets": "policy"}
+    seen = {Permission(groups.get(r.resource, ""),
+                       r.resource + (f"/{r.subresource}" if r.subresource else ""), r.verb)
+            for r in fake_kube.server.requests if r.resource}
+    assert Permission("", "pods/eviction", "create") in seen
+    assert seen <= have, sorted(map(str, seen - have))
