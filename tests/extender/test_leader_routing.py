@@ -58,7 +58,7 @@ def pair(fake_kube: FakeKube) -> Iterator[list[ExtenderService]]:
 def _one_leader_labelled(kube: FakeKube, svcs: list[ExtenderService]) -> str | None:
     roles = _roles(kube, ["ext-a", "ext-b"])
     leaders = [x.config.leader_election.identity for x in svcs if x.is_leader()]
-    if len(leaders) == 1 and sorted(roles.values()) == ["leader", "standby"]:
+    if len(leaders) == 1 and sorted(map(str, roles.values())) == ["leader", "standby"]:
         assert roles[leaders[0]] == "leader"
         return leaders[0]
     return None
