@@ -5,8 +5,9 @@ drain may evict either (the survivor takes over). The Service selects
 `copack.io/extender-role=leader` on top of the app label: each replica keeps the label on its
 own pod equal to what it is now (leader once it holds the Lease and has relisted, else
 standby), checked every period and re-patched after any failure. A crashed leader cannot clear
-its label; until its pod is gone, calls that reach it fail (connection refused) as they would
-without it, and it never binds (no Lease)."""
+its label; until its container restarts (a replica's first write is `standby`) or its pod is
+gone, calls that reach it fail (connection refused) as they would without it, and it never
+binds (no Lease)."""
 
 from __future__ import annotations
 
