@@ -26,12 +26,23 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 if TYPE_CHECKING:
     from extender.state import ClusterState
 
 log = logging.getLogger("copack.extender.watch")
+
+
+def kube_client(kubeconfig: str | None) -> k8s.ApiClient:
+    """From the kubeconfig file, else the in-cluster service account (the extender and the
+    rebalancer run with one)."""
+    if kubeconfig:
+        return k8s_config.new_client_from_config(config_file=kubeconfig)
+    cfg = k8s.Configuration()
+    k8s_config.load_incluster_config(client_configuration=cfg)
+    return k8s.ApiClient(cfg)
 
 
 class _Expired(Exception):

@@ -16,27 +16,17 @@ from typing import Any
 import orjson
 import uvicorn
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 
 from extender.app import create_app
 from extender.binder import Binder, KubeBinder
 from extender.config import ExtenderConfig
-from extender.kube_watch import ClusterWatcher
+from extender.kube_watch import ClusterWatcher, kube_client
 from extender.leader import LeaderElector
 from extender.role_label import RoleLabeler
 from extender.state import ClusterState
 from extender.telemetry import TelemetrySubscriber
 
 log = logging.getLogger("copack.extender")
-
-
-def kube_client(kubeconfig: str | None) -> k8s.ApiClient:
-    """From the kubeconfig file, else the in-cluster service account."""
-    if kubeconfig:
-        return k8s_config.new_client_from_config(config_file=kubeconfig)
-    cfg = k8s.Configuration()
-    k8s_config.load_incluster_config(client_configuration=cfg)
-    return k8s.ApiClient(cfg)
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:

@@ -14,19 +14,9 @@ from typing import Any
 
 import orjson
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from policies.draining import DRAINING_ANNOTATION, format_draining
-
-
-def kube_client(kubeconfig: str | None) -> k8s.ApiClient:
-    """From the kubeconfig file, else the in-cluster service account."""
-    if kubeconfig:
-        return k8s_config.new_client_from_config(config_file=kubeconfig)
-    cfg = k8s.Configuration()
-    k8s_config.load_incluster_config(client_configuration=cfg)
-    return k8s.ApiClient(cfg)
 
 
 @dataclass(frozen=True)

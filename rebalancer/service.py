@@ -9,11 +9,11 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from extender.kube_watch import ClusterWatcher
+from extender.kube_watch import ClusterWatcher, kube_client
 from extender.telemetry import TelemetrySubscriber
 from policies.config import PolicyConfig
 from rebalancer.controller import ControllerConfig, Rebalancer
-from rebalancer.kube import KubeActions, kube_client
+from rebalancer.kube import KubeActions
 from rebalancer.metrics import MetricsServer, RebalancerMetrics
 from rebalancer.state import RebalancerState
 

@@ -5,7 +5,6 @@ rebuild placements from pod annotations, concurrent binds, failed bindings."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from extender.binder import AlreadyBound, BindError, BindUncertain, KubeBinder
 from extender.config import ExtenderConfig
 from extender.serve import ExtenderService
-from tests.fakes.kube_fixtures import FakeKube
+from tests.fakes.kube_fixtures import FakeKube, eventually
 from tests.fakes.kube_objects import (
     H100_MEMORY,
     binding_args,
@@ -27,17 +26,6 @@ from tests.fakes.kube_objects import (
 )
 
 GI = 1024**3
-
-
-def eventually(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _config(kube: FakeKube, **kube_section: Any) -> ExtenderConfig:

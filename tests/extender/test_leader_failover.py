@@ -14,8 +14,8 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import orjson
@@ -24,7 +24,7 @@ import pytest
 from extender.config import ExtenderConfig
 from extender.serve import ExtenderService
 from policies.config import PolicyConfig
-from tests.fakes.kube_fixtures import FakeKube
+from tests.fakes.kube_fixtures import FakeKube, eventually
 from tests.fakes.kube_objects import (
     H100_MEMORY,
     binding_args,
@@ -40,15 +40,8 @@ NODES, GPUS, PODS, POD_MEM = 10, 4, 200, 16  # 4 pods of 16 GiB per GPU by memor
 SLOTS = PolicyConfig().max_pods_per_unit
 
 
-def eventually(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+# The storm's waits run on a 2-core box next to three replicas: a longer default.
+eventually = partial(eventually, timeout=15.0)
 
 
 def _config(kube: FakeKube, identity: str) -> ExtenderConfig:

@@ -106,7 +106,8 @@ def test_pod_without_copack_gpu_passes_through(cluster, api) -> None:
     assert scores == [{"Host": n, "Score": 0} for n in names]
 
 
-def test_prioritize_prefers_complementary_neighbour(make_served, api) -> None:
+def _decode_and_prefill_neighbours(make_served, api):
+    """Three one-GPU nodes: `dec` holds a decode pod, `pre` a prefill pod, `empty` nothing."""
     state, srv = make_served(PolicyConfig(policy="complementary"))
     for n in ("dec", "empty", "pre"):
         state.upsert_node(api.node(gpu_node(n, gpu_units(n, 1))))
@@ -114,6 +115,11 @@ def test_prioritize_prefers_complementary_neighbour(make_served, api) -> None:
            demand="sm=0.2,bw=0.6,mem=20Gi")
     _bound(api, state, "prefill-0", "pre", "GPU-pre-0", role="prefill",
            demand="sm=0.6,bw=0.2,mem=20Gi")
+    return srv
+
+
+def test_prioritize_prefers_complementary_neighbour(make_served, api) -> None:
+    srv = _decode_and_prefill_neighbours(make_served, api)
     pod = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
     f = srv.post("filter", extender_args(pod, ["dec", "empty", "pre"])).json()
     assert f["NodeNames"] == ["dec", "empty"]
@@ -136,13 +142,7 @@ def test_prioritize_answer_same_for_feasible_list_and_other_names(make_served, a
     """Prioritize joins pre-encoded entries when the names are filter's feasible list and
     looks each name up otherwise: both must give the same scores, in the request's order, and
     0 for a name filter rejected or does not know."""
-    state, srv = make_served(PolicyConfig(policy="complementary"))
-    for n in ("dec", "empty", "pre"):
-        state.upsert_node(api.node(gpu_node(n, gpu_units(n, 1))))
-    _bound(api, state, "decode-0", "dec", "GPU-dec-0", role="decode",
-           demand="sm=0.2,bw=0.6,mem=20Gi")
-    _bound(api, state, "prefill-0", "pre", "GPU-pre-0", role="prefill",
-           demand="sm=0.6,bw=0.2,mem=20Gi")
+    srv = _decode_and_prefill_neighbours(make_served, api)
     pod = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
     assert srv.post("filter", extender_args(pod, ["dec", "empty", "pre"])).json()[
         "NodeNames"] == ["dec", "empty"]

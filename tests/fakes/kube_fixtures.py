@@ -8,9 +8,10 @@ load it (`kubernetes.config.new_client_from_config`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from kubernetes import client as k8s_client
@@ -35,6 +36,19 @@ def start_fake_kube(directory: Path, **server_kwargs: object) -> FakeKube:
     kubeconfig = server.write_kubeconfig(directory / "kubeconfig")
     api_client = k8s_config.new_client_from_config(config_file=str(kubeconfig))
     return FakeKube(server, kubeconfig, api_client)
+
+
+def eventually(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `cond` until it is truthy (and return it): watches and leases settle on their own
+    clock, so a test waits for the state instead of sleeping a guessed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -16,7 +16,11 @@ from policies.inventory import ASSIGNED_AT_ANNOTATION, SM_SHARE_ANNOTATION, UNIT
 from rebalancer.budget import BudgetSpec
 from rebalancer.controller import ControllerConfig
 from rebalancer.service import RebalancerService
-from tests.fakes.kube_fixtures import FakeKube, fake_kube  # noqa: F401  (re-exported fixture)
+from tests.fakes.kube_fixtures import (  # noqa: F401  (fake_kube: re-exported fixture)
+    FakeKube,
+    eventually,
+    fake_kube,
+)
 from tests.fakes.kube_objects import copack_pod, gpu_node, gpu_units
 
 SMALL_DECODE = "sm=0.2,bw=0.3,mem=20Gi"
@@ -24,17 +28,6 @@ SMALL_DECODE = "sm=0.2,bw=0.3,mem=20Gi"
 
 def rfc3339(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def eventually(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def add_node(kube: FakeKube, name: str, gpus: int = 2) -> dict[str, Any]:
