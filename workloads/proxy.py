@@ -463,7 +463,8 @@ class PDProxy:
                 if e.kind == "timeout":
                     raise ProxyError(
                         504,
-                        f"prefill backend timed out after {cfg.prefill_timeout_s:g} s ({e})",
+                        "prefill backend timed out after "
+                        f"{_waited(e, cfg, cfg.prefill_timeout_s)} ({e})",
                         backend=backend.url,
                     ) from None
                 raise ProxyError(502, f"prefill backend failed: {e}", backend=backend.url) from None
@@ -535,7 +536,7 @@ class PDProxy:
             if e.kind == "timeout":
                 raise ProxyError(
                     504,
-                    f"decode backend timed out after {cfg.decode_timeout_s:g} s ({e})",
+                    f"decode backend timed out after {_waited(e, cfg, cfg.decode_timeout_s)} ({e})",
                     backend=backend.url,
                 ) from None
             raise ProxyError(502, f"decode backend failed: {e}", backend=backend.url) from None
@@ -655,6 +656,13 @@ async def _wait_disconnect(receive: Receive) -> None:
 def _describe(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _waited(e: UpstreamError, cfg: ProxyConfig, read_s: float) -> str:
+    """The limit that ran out: a backend too busy to accept a connection is not a slow answer."""
+    if e.connecting:
+        return f"{cfg.connect_timeout_s:g} s connecting"
+    return f"{read_s:g} s"
 
 
 def _snippet(content: bytes, limit: int = 300) -> str:

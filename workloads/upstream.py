@@ -103,9 +103,10 @@ class CoalescingBackend(httpcore.AsyncNetworkBackend):
 class UpstreamError(Exception):
     """A failed call to a backend: `kind` is connect, timeout or protocol."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, *, connecting: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
+        self.connecting = connecting  # a timeout while connecting, not while reading
 
 
 def upstream_error(e: Exception) -> UpstreamError:
@@ -113,7 +114,7 @@ def upstream_error(e: Exception) -> UpstreamError:
     text = str(e).strip()
     message = f"{type(e).__name__}: {text}" if text else type(e).__name__
     if isinstance(e, httpcore.TimeoutException):
-        return UpstreamError("timeout", message)
+        return UpstreamError("timeout", message, connecting=isinstance(e, httpcore.ConnectTimeout))
     if isinstance(e, httpcore.ConnectError):
         return UpstreamError("connect", message)
     return UpstreamError("protocol", message)

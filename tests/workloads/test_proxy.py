@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -340,3 +341,36 @@ def test_backend_restart_does_not_fail_the_next_request(rig: Rig) -> None:
         r = rig.client.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
     assert len(rig.decode[0][1].requests) == 3
+
+
+def test_backend_too_busy_to_accept_is_a_504_that_says_connecting() -> None:
+    """A backend whose accept queue is full (a starved API server) drops new SYNs: the client
+    must hear that the connect timeout ran out, not the decode timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue; nothing ever accepts
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    time.sleep(0.2)
+    proxy = PDProxy(ProxyConfig(prefill=[], decode=[f"http://127.0.0.1:{port}"],
+                                connect_timeout_s=0.3, decode_timeout_s=60))
+    server = ServerThread(proxy.app).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            t0 = time.monotonic()
+            r = c.post("/v1/completions", json={"model": "m", "prompt": "a"})
+            waited = time.monotonic() - t0
+        assert r.status_code == 504, r.text
+        message = r.json()["error"]["message"]
+        assert "after 0.3 s connecting" in message and "60 s" not in message
+        assert waited < 30
+    finally:
+        server.stop()
+        for s in fillers:
+            s.close()
+        listener.close()
