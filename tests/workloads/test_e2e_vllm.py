@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.workloads.nixl_spinners import demote_idle_spinners
 from tests.workloads.stub_vllm import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -198,6 +199,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             # server pulls it; on shared cores it starved that pull for 20-30 s per request.
             procs.append(_spawn(role, argv, env, work))
         _wait_ready(procs, [urls["prefill"], urls["decode"]], START_TIMEOUT_S)
+        if CONNECTOR == "nixl":
+            # NIXL's progress threads poll without sleeping, a core each, from start-up on:
+            # give them idle CPU only (see nixl_spinners.py; a CI replay timed out without).
+            spinners = demote_idle_spinners(p.popen.pid for p in procs)
+            print(f"NIXL progress threads set to SCHED_IDLE: {spinners}")
 
         proxy_port = free_port()
         proxy = _spawn(
