@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
 
+import numpy as np
 import orjson
 
 from extender.binder import AlreadyBound, Binder, BindError, BindUncertain
@@ -63,6 +64,7 @@ class Scheduler:
         self.binder = binder
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self._entries: dict[str, tuple[bytes, ...]] = {}
+        self._rows_table: tuple[int, np.ndarray] | None = None
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -192,15 +194,35 @@ class Scheduler:
                 d = decide(s.view, req, names, s.now(), s.policy, s.demand_model)
                 self._remember(key, args.uid, rv, d)
                 outcome = "decided"
-            vals = d.feasible_scores() if names == d.feasible_nodes else None
-            scores = d.scores if vals is None else {}
-        entry = self._priority_entries
-        if vals is not None:  # names are the decision's feasible nodes, in its order
-            parts = [entry(n)[v] for n, v in zip(names, vals, strict=True)]
+            rows = vals = table = None
+            if names == d.feasible_nodes and d.layout_version == s.view.layout_version:
+                # names are the decision's feasible nodes, in its order, on today's rows
+                rows, vals = d.feasible_rows, d.node_score
+                table = self._row_entries()
+            scores = d.scores if table is None else {}
+        if table is not None:
+            # one fancy index picks every `{"Host":..,"Score":..}` at C speed
+            parts = table[rows, vals[rows]].tolist()
         else:
+            entry = self._priority_entries
             get = scores.get
             parts = [entry(n)[get(n, 0)] for n in names]
         return b"[" + b",".join(parts) + b"]", outcome
+
+    def _row_entries(self) -> np.ndarray:
+        """(rows, 11) object array: a node's first row -> its pre-encoded entries, rebuilt
+        when the view's layout changes (state lock held). Indexing it by the decision's
+        feasible rows and scores replaces a Python call per name (1 ms at 3,333 names)."""
+        view = self.state.view
+        cached = self._rows_table
+        if cached is not None and cached[0] == view.layout_version:
+            return cached[1]
+        table = np.empty((view.n_rows, MAX_EXTENDER_PRIORITY + 1), dtype=object)
+        entry = self._priority_entries
+        for name, row in view.primary_rows().items():
+            table[row] = entry(name)
+        self._rows_table = (view.layout_version, table)
+        return table
 
     def _priority_entries(self, name: str) -> tuple[bytes, ...]:
         """`{"Host":name,"Score":s}` pre-encoded for s = 0..10: the answer to a 5,000-name

@@ -164,6 +164,10 @@ class ClusterView:
             setattr(self, f, self._new_array(f, self._rows_cap))
         self.row_node = np.full(self._rows_cap, -1, dtype=np.intp)  # node id per row
         self.row_primary = np.zeros(self._rows_cap, dtype=bool)  # first row of its node
+        # per row, the epoch of its last change: decision caches re-score only rows changed
+        # since they were built (policies/row_cache.py)
+        self.row_stamp = np.zeros(self._rows_cap, dtype=np.int64)
+        self.epoch = 0
         self._free_rows: list[int] = []
         self.slot_uuid: dict[Slot, str] = {}
         self.slot_unit: dict[Slot, InventoryUnit] = {}
@@ -223,6 +227,9 @@ class ClusterView:
         rp = np.zeros(new, dtype=bool)
         rp[: self._rows_cap] = self.row_primary
         self.row_primary = rp
+        rs = np.zeros(new, dtype=np.int64)
+        rs[: self._rows_cap] = self.row_stamp
+        self.row_stamp = rs
         self._rows_cap = new
         self._scratch.clear()
 
@@ -236,6 +243,7 @@ class ClusterView:
             self._rows += 1
         self.row_node[row] = node_id
         self.row_primary[row] = primary
+        self._touch(row)
         return row
 
     def _clear_row(self, row: int) -> None:
@@ -243,6 +251,11 @@ class ClusterView:
             getattr(self, f)[:, row] = _DEFAULTS.get(f, 0)
         self.row_node[row] = -1
         self.row_primary[row] = False
+        self._touch(row)
+
+    def _touch(self, row: int) -> None:
+        self.epoch += 1
+        self.row_stamp[row] = self.epoch
 
     def scratch(self, name: str, dtype: Any = np.float64) -> np.ndarray:
         """A reusable (K, rows) work buffer: decisions write temporaries here instead of
@@ -421,6 +434,7 @@ class ClusterView:
         if slot is None:
             return False
         self.healthy[slot] = bool(healthy)
+        self._touch(slot[1])
         self.version += 1
         return True
 
@@ -545,9 +559,11 @@ class ClusterView:
         self.decode_caps[slot], self.typical_sm[slot] = caps, typical
         delta = len(pods) - int(self.npods[slot])
         self.npods[slot] = len(pods)
+        self._touch(slot[1])
         if delta:
             for s in self._gpu_slots.get(slot, (slot,)):
                 self.gpu_pods[s] += delta
+                self._touch(s[1])
 
     def set_assumed_window(self, seconds: float) -> None:
         """Pods placed less than `seconds` before a unit's latest telemetry count as not yet

@@ -21,10 +21,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from policies import feasibility as fz
+from policies import row_cache
 from policies.cluster_view import ClusterView, burst_headroom, declares_typical_sm
 from policies.config import PolicyConfig
 from policies.contention import slowdown_factor
 from policies.model import Demand, PodRequest, Timing, UnitType
+from policies.row_cache import RowEval
 from policies.share import sm_share, sm_share_fraction
 
 _EPS = 1e-9
@@ -218,7 +220,8 @@ class Decision:
         return ok
 
     @cached_property
-    def _feasible_rows(self) -> np.ndarray:
+    def feasible_rows(self) -> np.ndarray:
+        """The view rows of `feasible_nodes`, in their order."""
         return self.cand_row[self._feasible_mask]
 
     def _pick(self, seq: Sequence[Any], idx: list[int]) -> list[Any]:
@@ -250,16 +253,16 @@ class Decision:
 
     def feasible_scores(self) -> list[int]:
         """The scores of `feasible_nodes`, in their order."""
-        return self.node_score[self._feasible_rows].tolist()
+        return self.node_score[self.feasible_rows].tolist()
 
     @cached_property
     def scores(self) -> dict[str, int]:
-        vals = self.node_score[self._feasible_rows].tolist()
+        vals = self.node_score[self.feasible_rows].tolist()
         return dict(zip(self.feasible_nodes, vals, strict=True))
 
     @cached_property
     def best_unit(self) -> dict[str, str]:
-        rows = self._feasible_rows
+        rows = self.feasible_rows
         slots = zip(self.best_j[rows].tolist(), self.best_row[rows].tolist(), strict=True)
         out = {}
         for n, slot in zip(self.feasible_nodes, slots, strict=True):
@@ -641,32 +644,19 @@ def _fold_multi_row(view: ClusterView, best: np.ndarray, best_j: np.ndarray) -> 
     return best_row
 
 
-def decide(
+def evaluate_rows(
     view: ClusterView,
     request: PodRequest,
-    candidate_nodes: Sequence[str] | None,
-    now: float,
+    table: TypeTable,
     config: PolicyConfig,
-    demand_model: DemandModelLike,
-) -> Decision:
-    """Score `request` on every unit of the candidate nodes (None = every node of the view).
-
-    Not thread-safe: it writes the view's scratch buffers, so callers serialize decisions and
-    updates on one view (the extender holds its state lock)."""
-    if abs(view.assumed_window_s - config.assumed_window_s) > 1e-12:
-        view.set_assumed_window(config.assumed_window_s)
+    now: float,
+    cols: np.ndarray | None,
+) -> RowEval:
+    """Feasibility and the best unit of each row, for every row (`cols` None) or the given
+    rows. Row-local: a row's answer depends only on its own arrays, the pod's table, the
+    config and a few view-wide facts (row_cache.view_facts), which is what lets the row
+    cache re-score only the rows changed since it was built."""
     r = view.n_rows
-    candidates, cand_array, cand_row, cand_mask = _resolve(view, candidate_nodes)
-    refusal = ""
-    if request.gpus != 1:
-        refusal = (
-            f"pod asks for {request.gpus} copack.io/gpu; copack places one unit share per pod"
-            if request.gpus > 1
-            else "pod does not request copack.io/gpu"
-        )
-
-    table = type_table(view.types, request, demand_model, config)
-    cols = _sparse_columns(view, cand_row)
     if cols is None:  # score every row, in the view's scratch buffers
         tid = view.type_id[:, :r]
         # mode="clip": type ids are always in range, and skipping the bounds check halves the cost
@@ -799,6 +789,60 @@ def decide(
     best_j = np.full(m, view.K - 1, dtype=np.intp)
     for j in range(view.K - 2, -1, -1):
         np.copyto(best_j, j, where=score[j] == row_best)
+    masks = {
+        "active": active,
+        "healthy": healthy,
+        "type_bad": type_bad,
+        "empty": empty,
+        "has_room": has_room,
+        "fits_mem": fits_mem,
+        "fits_sm": fits_sm,
+        "fits_bw": fits_bw,
+        "slo_bad": slo_bad,
+        "correlated": correlated,
+    }
+    return RowEval(masks, stale, row_best, best_j, node_val)
+
+
+def decide(
+    view: ClusterView,
+    request: PodRequest,
+    candidate_nodes: Sequence[str] | None,
+    now: float,
+    config: PolicyConfig,
+    demand_model: DemandModelLike,
+    *,
+    use_cache: bool = True,
+) -> Decision:
+    """Score `request` on every unit of the candidate nodes (None = every node of the view).
+    Through the view's row cache when the decision is row-local (row_cache.py); `use_cache`
+    False scores every candidate row afresh (the reference the cache is tested against).
+
+    Not thread-safe: it writes the view's scratch buffers, so callers serialize decisions and
+    updates on one view (the extender holds its state lock)."""
+    if abs(view.assumed_window_s - config.assumed_window_s) > 1e-12:
+        view.set_assumed_window(config.assumed_window_s)
+    r = view.n_rows
+    candidates, cand_array, cand_row, cand_mask = _resolve(view, candidate_nodes)
+    refusal = ""
+    if request.gpus != 1:
+        refusal = (
+            f"pod asks for {request.gpus} copack.io/gpu; copack places one unit share per pod"
+            if request.gpus > 1
+            else "pod does not request copack.io/gpu"
+        )
+
+    table = type_table(view.types, request, demand_model, config)
+    cols = _sparse_columns(view, cand_row)
+    ev = None
+    if use_cache and _row_local(view, request, table, config):
+        ev = row_cache.rows(
+            view, row_cache.request_key(request, table, config), cols, now, config.stale_after_s,
+            lambda c: evaluate_rows(view, request, table, config, now, c),
+        )
+    if ev is None:
+        ev = evaluate_rows(view, request, table, config, now, cols)
+    row_best, best_j, node_val = ev.row_best, ev.best_j, ev.node_val
     if cols is not None:  # back to absolute rows
         full_best = np.full(r, -np.inf)
         full_best[cols] = row_best
@@ -833,9 +877,7 @@ def decide(
     chosen = None
     if chosen_row >= 0:
         chosen_slot = (int(best_j[chosen_row]), int(best_row[chosen_row]))
-        col = chosen_slot[1] if cols is None else int(np.searchsorted(cols, chosen_slot[1]))
-        at = (chosen_slot[0], col)
-        chosen_load = (float(lsm[at]), float(lbw[at]), float(lmem[at]))
+        chosen_load = _slot_load(view, chosen_slot, now, config.stale_after_s)
         chosen = (
             view.node_name_by_id(int(view.row_node[chosen_row])),
             view.slot_uuid[chosen_slot],
@@ -854,19 +896,8 @@ def decide(
         cand_array=cand_array,
         cand_row=cand_row,
         table=table,
-        masks={
-            "active": active,
-            "healthy": healthy,
-            "type_bad": type_bad,
-            "empty": empty,
-            "has_room": has_room,
-            "fits_mem": fits_mem,
-            "fits_sm": fits_sm,
-            "fits_bw": fits_bw,
-            "slo_bad": slo_bad,
-            "correlated": correlated,
-        },
-        stale=stale,
+        masks=ev.masks,
+        stale=ev.stale,
         node_best=node_best,
         best_j=best_j,
         best_row=best_row,
@@ -877,6 +908,32 @@ def decide(
         layout_version=view.layout_version,
         chosen_load=chosen_load,
     )
+
+
+def _row_local(
+    view: ClusterView, request: PodRequest, table: TypeTable, config: PolicyConfig
+) -> bool:
+    """Whether a row's answer depends on that row alone: not for spread/dedicated (a wide
+    node's free-unit count spans its rows) nor when the pod's bursty replicas elsewhere
+    count (_correlated_units reads the workload's units across the cluster)."""
+    if config.policy not in ("complementary", "binpack"):
+        return False
+    return not (
+        policy_is_burst_aware(config)
+        and config.separate_bursty_replicas
+        and request.group
+        and table.burst.any()
+        and view.bursty_slots(request.group)
+    )
+
+
+def _slot_load(
+    view: ClusterView, slot: tuple[int, int], now: float, stale_after_s: float
+) -> tuple[float, float, float]:
+    """One unit's effective (sm, bw, mem) as load_arrays() gives it."""
+    if view.tel_t[slot] < now - stale_after_s:
+        return float(view.decl_sm[slot]), float(view.decl_bw[slot]), float(view.decl_mem[slot])
+    return float(view.eff_sm[slot]), float(view.eff_bw[slot]), float(view.eff_mem[slot])
 
 
 def policy_is_burst_aware(config: PolicyConfig) -> bool:

@@ -115,11 +115,11 @@ def _decode_and_prefill_neighbours(make_served, api):
            demand="sm=0.2,bw=0.6,mem=20Gi")
     _bound(api, state, "prefill-0", "pre", "GPU-pre-0", role="prefill",
            demand="sm=0.6,bw=0.2,mem=20Gi")
-    return srv
+    return state, srv
 
 
 def test_prioritize_prefers_complementary_neighbour(make_served, api) -> None:
-    srv = _decode_and_prefill_neighbours(make_served, api)
+    _, srv = _decode_and_prefill_neighbours(make_served, api)
     pod = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
     f = srv.post("filter", extender_args(pod, ["dec", "empty", "pre"])).json()
     assert f["NodeNames"] == ["dec", "empty"]
@@ -142,7 +142,7 @@ def test_prioritize_answer_same_for_feasible_list_and_other_names(make_served, a
     """Prioritize joins pre-encoded entries when the names are filter's feasible list and
     looks each name up otherwise: both must give the same scores, in the request's order, and
     0 for a name filter rejected or does not know."""
-    srv = _decode_and_prefill_neighbours(make_served, api)
+    _, srv = _decode_and_prefill_neighbours(make_served, api)
     pod = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
     assert srv.post("filter", extender_args(pod, ["dec", "empty", "pre"])).json()[
         "NodeNames"] == ["dec", "empty"]
@@ -155,6 +155,27 @@ def test_prioritize_answer_same_for_feasible_list_and_other_names(make_served, a
     assert by["pre"] == 0 and by["ghost"] == 0
     assert fast == [{"Host": "dec", "Score": by["dec"]}, {"Host": "empty", "Score": by["empty"]}]
     assert by["dec"] > by["empty"]
+
+
+def test_prioritize_after_the_layout_changed_names_the_right_hosts(make_served, api) -> None:
+    """The fast answer indexes pre-encoded entries by view row: once nodes come and go the
+    rows move, and every entry must still carry the name it is scored for."""
+    state, srv = _decode_and_prefill_neighbours(make_served, api)
+    names = ["dec", "empty", "pre"]
+    first = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
+    feasible = srv.post("filter", extender_args(first, names)).json()["NodeNames"]
+    before = srv.post("prioritize", extender_args(first, feasible)).json()
+    state.delete_node("dec")  # frees its row; the new node may take it
+    state.upsert_node(api.node(gpu_node("late", gpu_units("late", 1))))
+    # the reused decision predates the layout: its scores, each under its own name
+    stale = srv.post("prioritize", extender_args(first, feasible)).json()
+    assert feasible == ["dec", "empty"] and stale == before
+    second = api.pod(copack_pod("prefill-2", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
+    kept = srv.post("filter", extender_args(second, ["empty", "late", "pre"])).json()["NodeNames"]
+    assert sorted(kept) == ["empty", "late"]
+    scores = srv.post("prioritize", extender_args(second, kept)).json()
+    assert [s["Host"] for s in scores] == kept
+    assert {s["Host"]: s["Score"] for s in scores}["empty"] == before[1]["Score"]
 
 
 @pytest.mark.parametrize("verb", ["filter", "prioritize", "bind"])
