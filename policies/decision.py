@@ -350,6 +350,26 @@ class Decision:
             out[t] = cols
         return out
 
+    def _reason_texts(self, pos: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(distinct failure texts, the text of each decided column in `pos`). Nodes fail for
+        a handful of distinct reasons: group identical reason counts (and unusable unit types)
+        and format each group once."""
+        key = self._reason_counts_at(pos)
+        bad_types = sorted(self._row_bad_types)
+        if bad_types:
+            flags = np.stack([self._row_bad_types[t][pos] for t in bad_types], axis=1)
+            key = np.hstack([key, flags.astype(key.dtype)])
+        uniq, inverse = _group_rows(key)
+        texts = []
+        for u in uniq.tolist():
+            text = fz.summarize(np.asarray(u[: fz.N_REASONS]))
+            types = [t for t, f in zip(bad_types, u[fz.N_REASONS :], strict=True) if f]
+            if types:
+                why = "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in types)
+                text = f"{text} ({why})"
+            texts.append(text)
+        return texts, inverse
+
     @cached_property
     def failed_nodes(self) -> dict[str, str]:
         if self.refusal:
@@ -362,26 +382,27 @@ class Decision:
         known = rows >= 0
         msgs: list[str] = ["unknown node: no copack inventory seen for it"] * len(bad)
         if known.any():
-            # Nodes fail for a handful of distinct reasons: group identical reason counts (and
-            # unusable unit types) with np.unique and format each group once.
-            krows = self._pos(rows[known])
-            key = self._reason_counts_at(krows)
-            bad_types = sorted(self._row_bad_types)
-            if bad_types:
-                flags = np.stack([self._row_bad_types[t][krows] for t in bad_types], axis=1)
-                key = np.hstack([key, flags.astype(key.dtype)])
-            uniq, inverse = _group_rows(key)
-            texts = []
-            for u in uniq.tolist():
-                text = fz.summarize(np.asarray(u[: fz.N_REASONS]))
-                types = [t for t, f in zip(bad_types, u[fz.N_REASONS :], strict=True) if f]
-                if types:
-                    why = "; ".join(f"{self.view.types[t]}: {self.table.why[t]}" for t in types)
-                    text = f"{text} ({why})"
-                texts.append(text)
-            if len(texts) == 1 and known.all():  # one reason for all (the common case)
-                return dict.fromkeys(names, texts[0])
-            known_msgs = self._pick(texts, inverse.ravel().tolist())
+            krows = rows[known]
+            memo = self.reason_memo
+            if memo is None or memo.gen != self.reason_memo_gen or self.multi_rows:
+                texts, inverse = self._reason_texts(self._pos(krows))
+                if len(texts) == 1 and known.all():  # one reason for all (the common case)
+                    return dict.fromkeys(names, texts[0])
+                known_msgs = self._pick(texts, inverse.ravel().tolist())
+            else:
+                # the row cache's memo knows most rows' texts already: work out the others
+                ids = memo.ids[krows]
+                miss = ids < 0
+                if miss.any():
+                    texts, inverse = self._reason_texts(self._pos(krows[miss]))
+                    new = np.fromiter(map(memo.intern, texts), np.int32, len(texts))[
+                        inverse.ravel()
+                    ]
+                    memo.ids[krows[miss]] = new
+                    ids[miss] = new
+                if known.all() and (ids == ids[0]).all():
+                    return dict.fromkeys(names, memo.texts[ids[0]])
+                known_msgs = memo.text_array()[ids].tolist()
             if known.all():
                 msgs = known_msgs
             else:
@@ -898,6 +919,8 @@ def decide(
         table=table,
         masks=ev.masks,
         stale=ev.stale,
+        reason_memo=ev.memo,
+        reason_memo_gen=ev.memo_gen,
         node_best=node_best,
         best_j=best_j,
         best_row=best_row,

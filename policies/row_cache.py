@@ -32,15 +32,61 @@ SHAPES_KEPT = 8  # pod shapes with a cache entry per view (~0.5 MB each at 40,00
 FULL_REBUILD_SHARE = 4  # more than 1/4 of the rows changed: re-score them all in one pass
 
 
+MAX_REASON_TEXTS = 4096  # distinct failure texts kept per entry before it starts afresh
+
+
+class ReasonMemo:
+    """Each row's failure text for one cached shape, filled in as filters ask for it.
+
+    A row's text is a function of its masks (and of the shape and layout, which the entry's
+    key and facts pin), so it stays true until the row is re-scored: a patch forgets the
+    re-scored rows and bumps `gen`, and a Decision trusts the memo only at the `gen` it was
+    made at (a later patch may have changed rows its own masks still show the old way)."""
+
+    __slots__ = ("_array", "_index", "gen", "ids", "texts")
+
+    def __init__(self, n_rows: int) -> None:
+        self.ids = np.full(n_rows, -1, dtype=np.int32)
+        self.texts: list[str] = []
+        self._index: dict[str, int] = {}
+        self._array: np.ndarray | None = None
+        self.gen = 0
+
+    def forget(self, rows: np.ndarray) -> None:
+        self.ids[rows] = -1
+        self.gen += 1
+        if len(self.texts) > MAX_REASON_TEXTS:
+            self.ids[:] = -1
+            self.texts, self._index, self._array = [], {}, None
+
+    def intern(self, text: str) -> int:
+        i = self._index.get(text)
+        if i is None:
+            i = self._index[text] = len(self.texts)
+            self.texts.append(text)
+            self._array = None
+        return i
+
+    def text_array(self) -> np.ndarray:
+        """The texts as an object array, so that texts[ids] is one fancy index."""
+        if self._array is None:
+            self._array = np.empty(len(self.texts), dtype=object)
+            self._array[:] = self.texts
+        return self._array
+
+
 @dataclass(slots=True)
 class RowEval:
-    """decide()'s per-row scoring: masks and stale (K, m), row_best and best_j (m,)."""
+    """decide()'s per-row scoring: masks and stale (K, m), row_best and best_j (m,); from the
+    cache, also the entry's failure-text memo and its generation."""
 
     masks: dict[str, np.ndarray | None]
     stale: np.ndarray
     row_best: np.ndarray
     best_j: np.ndarray
     node_val: np.ndarray | None = None  # never set for the cached (row-local) policies
+    memo: ReasonMemo | None = None
+    memo_gen: int = -1
 
 
 @dataclass(slots=True)
@@ -48,11 +94,15 @@ class _Entry:
     facts: tuple
     epoch: int
     ev: RowEval
+    memo: ReasonMemo
 
 
 class _Cache:
     def __init__(self) -> None:
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        # shapes asked about over candidate rows only, without an entry yet: the second such
+        # question builds one (a workload's replicas come one after the other)
+        self.asked: OrderedDict[tuple, None] = OrderedDict()
 
 
 def request_key(request: PodRequest, table: Any, config: PolicyConfig) -> tuple:
@@ -82,16 +132,18 @@ def view_facts(view: ClusterView) -> tuple:
     )
 
 
-def _copy(ev: RowEval, cols: np.ndarray | None) -> RowEval:
-    """The caller's own arrays (decide() folds rows in place; a Decision keeps its masks)."""
+def _copy(entry: _Entry, cols: np.ndarray | None) -> RowEval:
+    """The caller's own arrays (decide() folds rows in place; a Decision keeps its masks),
+    with the entry's memo (shared: it is keyed by absolute row)."""
+    ev, memo = entry.ev, entry.memo
     if cols is None:
         return RowEval(
             {k: None if v is None else v.copy() for k, v in ev.masks.items()},
-            ev.stale.copy(), ev.row_best.copy(), ev.best_j.copy(),
+            ev.stale.copy(), ev.row_best.copy(), ev.best_j.copy(), None, memo, memo.gen,
         )
     return RowEval(
         {k: None if v is None else v[:, cols] for k, v in ev.masks.items()},
-        ev.stale[:, cols], ev.row_best[cols], ev.best_j[cols],
+        ev.stale[:, cols], ev.row_best[cols], ev.best_j[cols], None, memo, memo.gen,
     )
 
 
@@ -118,8 +170,10 @@ def rows(
     evaluate: Callable[[np.ndarray | None], RowEval],
 ) -> RowEval | None:
     """decide()'s RowEval for `cols` (None = every row) from the cache, brought up to date.
-    None when the caller should score `cols` itself: a few candidate rows of a shape the
-    cache has not seen (bind, small filters) are cheaper to score than every row."""
+    None when the caller should score `cols` itself: the first time a shape is asked about
+    over a few candidate rows (a one-off pod, kube-scheduler's rotating 500-node window) those
+    rows are cheaper to score than every row; the second time, every row is scored once and
+    kept, and later windows are served from the entry."""
     cache: _Cache = view.__dict__.setdefault("_row_cache", _Cache())
     facts = view_facts(view)
     entry = cache.entries.get(key)
@@ -128,13 +182,17 @@ def rows(
         entry = None
     r = view.n_rows
     if entry is None:
-        if cols is not None:
+        if cols is not None and key not in cache.asked:
+            cache.asked[key] = None
+            while len(cache.asked) > SHAPES_KEPT:
+                cache.asked.popitem(last=False)
             return None
-        entry = _Entry(facts, view.epoch, evaluate(None))
+        cache.asked.pop(key, None)
+        entry = _Entry(facts, view.epoch, evaluate(None), ReasonMemo(r))
         cache.entries[key] = entry
         while len(cache.entries) > SHAPES_KEPT:
             cache.entries.popitem(last=False)
-        return _copy(entry.ev, None)
+        return _copy(entry, cols)
     cache.entries.move_to_end(key)
     epoch = view.epoch
     changed = view.row_stamp[:r] > entry.epoch
@@ -145,5 +203,8 @@ def rows(
         many = len(dirty) * FULL_REBUILD_SHARE > r
         if many or not _patch(entry.ev, dirty, evaluate(dirty)):
             entry.ev = evaluate(None)
+            entry.memo = ReasonMemo(r)
+        else:
+            entry.memo.forget(dirty)
     entry.epoch = epoch
-    return _copy(entry.ev, cols)
+    return _copy(entry, cols)

@@ -137,3 +137,51 @@ def test_few_candidates_read_the_cache_after_many_changes() -> None:
         cached = decide(v, r, few, now, cfg, DM)
         assert cached.cols is not None  # the sparse path, served from the cache's columns
         _same(cached, decide(v, r, few, now, cfg, DM, use_cache=False))
+
+
+def _wide_view() -> ClusterView:
+    v = ClusterView(capacity=8, units_per_row=2)
+    for n in range(120):
+        v.set_node(f"n{n:03d}", [whole_gpu(f"n{n:03d}", i) for i in range(2)])
+    return v
+
+
+def test_rotating_windows_build_the_entry_on_the_second_question() -> None:
+    """kube-scheduler's rotating windows never send the same list twice: the first window of
+    a shape is scored on its own rows, the second builds the shape's entry for every row, and
+    the windows after it are served from the entry, all equal to fresh decisions."""
+    v = _wide_view()
+    cfg = PolicyConfig(stale_after_s=15.0)
+    r = request(("prefill", 0.3, 0.1, 8 * 2**30))
+    names = sorted(v.node_names)
+    for i in range(6):
+        window = [names[(i * 37 + k) % len(names)] for k in range(10)]
+        cached = decide(v, r, window, NOW, cfg, DM)
+        assert cached.cols is not None
+        entries = v.__dict__["_row_cache"].entries
+        assert len(entries) == (0 if i == 0 else 1), i
+        assert (cached.reason_memo is None) == (i == 0)
+        _same(cached, decide(v, r, window, NOW, cfg, DM, use_cache=False))
+
+
+def test_an_older_decision_keeps_its_own_failure_reasons() -> None:
+    """A Decision read after the cache re-scored rows (and a newer Decision filled the memo
+    with the rows' new reasons) still reports the reasons of its own moment."""
+    v = _wide_view()
+    cfg = PolicyConfig(stale_after_s=3600.0)
+    r = request(("decode", 0.2, 0.3, 30 * 2**30))
+    units = _units(v)
+    for i, u in enumerate(units):  # every other node full, the rest nearly idle
+        full = (i // 2) % 2 == 1
+        v.record_telemetry(u, NOW, sm=0.0, bw=0.95 if full else 0.2, tensor=0.95 if full else 0.2,
+                           mem_used_bytes=(0.97 if full else 0.1) * v.unit(u).memory_bytes)
+    decide(v, r, None, NOW, cfg, DM)  # the shape enters the cache
+    old = decide(v, r, None, NOW, cfg, DM)
+    expected = decide(v, r, None, NOW, cfg, DM, use_cache=False).failed_nodes
+    assert expected  # some nodes fail, so there are reasons to get wrong
+    for u in units[:40]:  # the first 20 nodes fail another way (the full ones among them too)
+        v.set_unit_health(u, False)
+    new = decide(v, r, None, NOW + 1, cfg, DM)
+    assert new.failed_nodes == decide(v, r, None, NOW + 1, cfg, DM, use_cache=False).failed_nodes
+    assert new.failed_nodes != expected
+    assert old.failed_nodes == expected
