@@ -98,7 +98,8 @@ def main() -> None:
         cases = [(f"{small} names", window), (f"{a.nodes} names", lambda j: all_names)]
         for label, names_for in cases:
             pods = bench._pods(a.pods + 50)
-            bench._run(conn, pods[:50], names_for, False, 0)  # warm-up, not sampled
+            for j, pod in enumerate(pods[:50]):  # warm-up, not sampled
+                bench._pair(conn, pod, names_for(j), noop=False)
             with tempfile.TemporaryDirectory() as tmp:
                 raw = Path(tmp) / "raw.txt"
                 sp = subprocess.Popen(
@@ -108,14 +109,15 @@ def main() -> None:
                 )
                 time.sleep(1.0)  # py-spy attaches
                 t0 = time.perf_counter()
-                r = bench._run(conn, pods[50:], names_for, False, 0)
+                for j, pod in enumerate(pods[50:]):
+                    bench._pair(conn, pod, names_for(j), noop=False)
                 wall = time.perf_counter() - t0
                 sp.send_signal(signal.SIGINT)
                 sp.wait(30)
                 counts = classify(raw)
             total = sum(counts.values()) or 1
-            n = r["n"]
-            print(f"\n{label}: {n} pods, {r['pods_per_s']:.0f} pods/s, {total} samples in the "
+            n = len(pods) - 50
+            print(f"\n{label}: {n} pods, {n / wall:.0f} pods/s, {total} samples in the "
                   f"serving thread over {wall:.1f} s ({os.getloadavg()[0]:.1f} load)")
             print(f"  {'bucket':<58} {'share':>6} {'ms/pod':>7}")
             for lbl, c in counts.most_common():
