@@ -271,12 +271,12 @@ class Decision:
                 out[n] = uuid
         return out
 
-    @cached_property
-    def _codes(self) -> np.ndarray:
-        """Per-unit reason code over the decided columns, shape (K, m); 0 = feasible or no
-        unit in that slot. The decided columns only: a filter over 500 of 5,000 nodes must not
-        pay for the other 4,500."""
-        m = self.masks
+    def _codes_of(self, pos: np.ndarray | None) -> np.ndarray:
+        """Per-unit reason code over the decided columns `pos` (None = all), shape (K, m);
+        0 = feasible or no unit in that slot."""
+        m = self.masks if pos is None else {
+            k: None if v is None else v[:, pos] for k, v in self.masks.items()
+        }
 
         def neg(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else ~a
@@ -287,6 +287,12 @@ class Decision:
         )  # fmt: skip
         code[~m["active"]] = fz.OK
         return code
+
+    @cached_property
+    def _codes(self) -> np.ndarray:
+        """Reason codes over every decided column. The decided columns only: a filter over
+        500 of 5,000 nodes must not pay for the other 4,500."""
+        return self._codes_of(None)
 
     @cached_property
     def reason_codes(self) -> np.ndarray:
@@ -330,10 +336,7 @@ class Decision:
         over every column."""
         if self._multi_pos:  # folding needs the other rows of wide nodes
             return self._row_reason_counts[pos]
-        code = self._codes[:, pos]
-        n = code.shape[1]
-        flat = code.astype(np.intp) * n + np.arange(n, dtype=np.intp)
-        return np.bincount(flat.ravel(), minlength=fz.N_REASONS * n).reshape(fz.N_REASONS, n).T
+        return _count_codes(self._codes[:, pos])
 
     @cached_property
     def _row_bad_types(self) -> dict[int, np.ndarray]:
@@ -350,15 +353,25 @@ class Decision:
             out[t] = cols
         return out
 
-    def _reason_texts(self, pos: np.ndarray) -> tuple[list[str], np.ndarray]:
+    def _reason_texts(self, pos: np.ndarray, few: bool = False) -> tuple[list[str], np.ndarray]:
         """(distinct failure texts, the text of each decided column in `pos`). Nodes fail for
         a handful of distinct reasons: group identical reason counts (and unusable unit types)
-        and format each group once."""
-        key = self._reason_counts_at(pos)
-        bad_types = sorted(self._row_bad_types)
-        if bad_types:
-            flags = np.stack([self._row_bad_types[t][pos] for t in bad_types], axis=1)
-            key = np.hstack([key, flags.astype(key.dtype)])
+        and format each group once. `few`: `pos` is a handful of the columns (the rows the
+        memo does not know), so their codes are worked out for them alone (no wide nodes)."""
+        bad_types = np.flatnonzero(self.table.bad).tolist()
+        if few:
+            code = self._codes_of(pos)
+            key = _count_codes(code)
+            if bad_types:
+                unit_type = code == fz.UNIT_TYPE
+                tid = self.view.type_id[:, pos if self.cols is None else self.cols[pos]]
+                flags = np.stack([(unit_type & (tid == t)).any(axis=0) for t in bad_types], 1)
+                key = np.hstack([key, flags.astype(key.dtype)])
+        else:
+            key = self._reason_counts_at(pos)
+            if bad_types:
+                flags = np.stack([self._row_bad_types[t][pos] for t in bad_types], axis=1)
+                key = np.hstack([key, flags.astype(key.dtype)])
         uniq, inverse = _group_rows(key)
         texts = []
         for u in uniq.tolist():
@@ -394,7 +407,9 @@ class Decision:
                 ids = memo.ids[krows]
                 miss = ids < 0
                 if miss.any():
-                    texts, inverse = self._reason_texts(self._pos(krows[miss]))
+                    texts, inverse = self._reason_texts(
+                        self._pos(krows[miss]), few=int(miss.sum()) * 4 < len(self.cand_row)
+                    )
                     new = np.fromiter(map(memo.intern, texts), np.int32, len(texts))[
                         inverse.ravel()
                     ]
@@ -616,6 +631,13 @@ def _resolve(
 
 
 _ROW_HASH = np.random.default_rng(20240611).integers(1, 2**62, size=64, dtype=np.int64)
+
+
+def _count_codes(code: np.ndarray) -> np.ndarray:
+    """(m, N_REASONS): how many units of each column have each reason code."""
+    n = code.shape[1]
+    flat = code.astype(np.intp) * n + np.arange(n, dtype=np.intp)
+    return np.bincount(flat.ravel(), minlength=fz.N_REASONS * n).reshape(fz.N_REASONS, n).T
 
 
 def _group_rows(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
