@@ -463,7 +463,18 @@ class ClusterView:
         mem = float(mem_used_bytes) if mem_used_bytes is not None else 0.0
         self.tel_mem[slot] = max(0.0, mem) if math.isfinite(mem) else 0.0
         self.tel_tensor[slot] = has_tensor
-        self._recompute(slot)
+        if self.recent_sm[slot] == 0.0 and self.recent_bw[slot] == 0.0 and (
+            self.recent_mem[slot] == 0.0
+        ):
+            # No pod counts as recent, and a later sample only ages pods out of the window:
+            # the pod sums stand and only the effective load moves (telemetry's hot path,
+            # thousands of units a second at scale, need not walk the unit's pods).
+            self.eff_sm[slot] = max(self.tel_sm[slot], self.decl_sm[slot])
+            self.eff_bw[slot] = max(self.tel_bw[slot], self.decl_bw[slot])
+            self.eff_mem[slot] = max(self.tel_mem[slot], self.decl_mem[slot])
+            self._touch(slot[1])
+        else:
+            self._recompute(slot)
         self.version += 1
         return True
 

@@ -185,3 +185,18 @@ def test_an_older_decision_keeps_its_own_failure_reasons() -> None:
     assert new.failed_nodes == decide(v, r, None, NOW + 1, cfg, DM, use_cache=False).failed_nodes
     assert new.failed_nodes != expected
     assert old.failed_nodes == expected
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cluster=cluster_spec, events=st.lists(event_spec, min_size=1, max_size=16))
+def test_telemetrys_short_cut_leaves_the_loads_a_full_recompute_gives(cluster, events) -> None:
+    """record_telemetry skips walking a unit's pods when none is recent: after any event
+    sequence the effective loads equal recomputing every unit from its pods."""
+    v = build(cluster)
+    now = NOW
+    for seq, ev in enumerate(events):
+        now = _apply(v, ev, now, seq)
+    got = [a.copy() for a in (v.eff_sm, v.eff_bw, v.eff_mem)]
+    v.set_assumed_window(v.assumed_window_s)  # recomputes every unit
+    for a, b in zip(got, (v.eff_sm, v.eff_bw, v.eff_mem), strict=True):
+        np.testing.assert_array_equal(a, b)
