@@ -92,6 +92,8 @@ class TelemetrySection(_Strict):
     statistic: Literal["value", "ewma", "p95"] = "ewma"
     backoff_initial_s: float = Field(default=0.2, gt=0.0)
     backoff_max_s: float = Field(default=10.0, gt=0.0)
+    # what the extender absorbs from all agents together; 0 = every tick of every agent
+    snapshots_per_s: float = Field(default=1000.0, ge=0.0)
 
 
 class LimitsSection(_Strict):
@@ -286,6 +288,7 @@ telemetry:
   statistic: ewma         # value | ewma | p95 of the agent's readings
   backoff_initial_s: 0.2
   backoff_max_s: 10
+  snapshots_per_s: 1000   # all agents together: at 5,000 nodes each sends every 5 s (0: every tick)
 limits:
   max_body_bytes: 67108864
   explain_entries: 10000

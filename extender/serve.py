@@ -128,7 +128,8 @@ class ExtenderService:
         )
         self.telemetry = (
             TelemetrySubscriber(
-                self.state, config.telemetry.backoff_initial_s, config.telemetry.backoff_max_s
+                self.state, config.telemetry.backoff_initial_s, config.telemetry.backoff_max_s,
+                snapshots_per_s=config.telemetry.snapshots_per_s,
             )
             if config.telemetry.enabled
             else None

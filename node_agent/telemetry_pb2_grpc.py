@@ -5,7 +5,7 @@ import warnings
 
 from node_agent import telemetry_pb2 as node__agent_dot_telemetry__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -56,7 +56,7 @@ class TelemetryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """Pushes every tick's snapshot, starting with the current one.
+        """Pushes every tick's snapshot (or one per min_interval_s), starting with the current one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -8,6 +8,7 @@ snapshots (it only ever needs the newest) and the sampler keeps its cadence."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -156,6 +157,29 @@ class Broadcaster:
             self.unsubscribe(s)
 
 
+def snapshot_key(snap: pb.Snapshot) -> tuple:
+    """What of a snapshot must reach a subscriber at once: its layout and units' health."""
+    return (snap.inventory_generation, tuple((u.uuid, u.healthy) for u in snap.units))
+
+
+def thin(snapshots: Iterator[pb.Snapshot], min_interval_s: float) -> Iterator[pb.Snapshot]:
+    """At most one snapshot per `min_interval_s` of tick time (a quarter tick of slack, so a
+    5 s interval at 1 s ticks is every fifth tick, not every sixth), except that a change of
+    inventory generation or of any unit's health goes out at once: the subscriber must not
+    place onto a unit that failed or a layout that changed while it waits for the next one."""
+    if min_interval_s <= 0:
+        yield from snapshots
+        return
+    last_t = -float("inf")
+    last_key: tuple | None = None
+    for snap in snapshots:
+        key = snapshot_key(snap)
+        slack = 0.25 * snap.interval_s
+        if key != last_key or snap.timestamp - last_t >= min_interval_s - slack:
+            last_t, last_key = snap.timestamp, key
+            yield snap
+
+
 class TelemetryServicer(pb_grpc.TelemetryServiceServicer):
     def __init__(self, broadcaster: Broadcaster) -> None:
         self._b = broadcaster
@@ -167,9 +191,13 @@ class TelemetryServicer(pb_grpc.TelemetryServiceServicer):
         return msg
 
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext):
+        min_interval = request.min_interval_s
+        if not math.isfinite(min_interval) or min_interval < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"min_interval_s must be a finite number >= 0, not {min_interval!r}")
         sub = self._b.subscribe(context.peer())
         context.add_callback(lambda: self._b.unsubscribe(sub))
-        yield from self._b.stream(sub, context.is_active)
+        yield from thin(self._b.stream(sub, context.is_active), min_interval)
 
 
 class TelemetryServer:

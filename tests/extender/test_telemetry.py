@@ -31,6 +31,7 @@ class FakeAgent(pb_grpc.TelemetryServiceServicer):
     def __init__(self, port: int = 0) -> None:
         self.snapshots: queue.Queue[pb.Snapshot] = queue.Queue()
         self.streams = 0
+        self.asked_intervals: list[float] = []  # what each Watch asked for (this agent ignores it)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_TelemetryServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
@@ -41,6 +42,7 @@ class FakeAgent(pb_grpc.TelemetryServiceServicer):
         return f"127.0.0.1:{self.port}"
 
     def Watch(self, request, context):
+        self.asked_intervals.append(request.min_interval_s)
         self.streams += 1
         while context.is_active():
             try:
@@ -180,3 +182,29 @@ def test_sample_age_is_the_units_lag_behind_its_tick(api) -> None:
     lagging = state.view.unit_load("GPU-n0-1", clock.t, 15.0)
     assert fresh["stale"] is False and fresh["sm"] == pytest.approx(0.5)
     assert lagging["stale"] is True
+
+
+def test_a_budget_thins_what_an_agent_sends_but_not_a_health_change(api) -> None:
+    """One agent and a budget of 0.5 snapshots/s: the stream asks for one per 2 s; an agent
+    that sends every tick anyway has the early ones dropped, except the one where a unit
+    turns unhealthy."""
+    clock = Clock()
+    state = ClusterState(PolicyConfig(stale_after_s=15.0), now=clock)
+    state.mark_synced()
+    agent = FakeAgent()
+    state.upsert_node(api.node(gpu_node("n0", gpu_units("n0", 1), agent=agent.endpoint)))
+    sub = TelemetrySubscriber(state, backoff_initial_s=0.05, snapshots_per_s=0.5).start()
+    try:
+        wait_for(lambda: agent.streams == 1, what="subscription")
+        assert agent.asked_intervals == [2.0]
+        for seq in range(1, 11):
+            agent.snapshots.put(snapshot("n0", seq, {"GPU-n0-0": {"tensor": 0.1 * seq}}))
+        wait_for(lambda: sub.dropped == 9, what="nine early snapshots dropped")
+        assert state.telemetry["n0"].snapshots == 1
+        assert state.view.unit_load("GPU-n0-0", clock.t, 15.0)["sm"] == pytest.approx(0.1)
+        agent.snapshots.put(snapshot("n0", 11, {"GPU-n0-0": {"healthy": False}}))
+        wait_for(lambda: state.telemetry["n0"].snapshots == 2, what="the health change")
+        assert sub.dropped == 9
+    finally:
+        sub.stop()
+        agent.stop()

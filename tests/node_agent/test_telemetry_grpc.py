@@ -175,3 +175,55 @@ def test_publish_does_not_wait_for_readers():
     for i in range(200):  # nobody reads, yet every publish returns (no blocking put)
         b.publish(pb.Snapshot(sequence=i))
     assert all([m.sequence for m in s.queue] == [198, 199] for s in subs)
+
+
+def _tick(seq: int, healthy: bool = True) -> pb.Snapshot:
+    return pb.Snapshot(node="node-a", sequence=seq, timestamp=1000.0 + seq, interval_s=1.0,
+                       units=[pb.UnitSample(uuid="GPU-0", healthy=healthy)])
+
+
+def test_watch_thins_to_min_interval_but_sends_a_health_change_at_once():
+    """A subscriber of thousands of agents asks for one snapshot per 3 s of 1 s ticks: it
+    gets every third tick, and the tick where a unit turns unhealthy out of turn."""
+    from node_agent.telemetry_service import TelemetryServer
+
+    b = Broadcaster(queue_depth=32)
+    b.publish(_tick(1))
+    server = TelemetryServer(b, "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            it = pb_grpc.TelemetryServiceStub(ch).Watch(pb.WatchRequest(min_interval_s=3.0),
+                                                        timeout=30)
+            got = [next(it).sequence]
+            wait_until(lambda: b.subscribers == 1, what="the watcher to subscribe")
+            for seq in range(2, 11):
+                b.publish(_tick(seq, healthy=seq < 6))
+            b.publish(_tick(13, healthy=False))
+            while got[-1] != 13:
+                got.append(next(it).sequence)
+            it.cancel()
+    finally:
+        server.stop()
+    assert got == [1, 4, 6, 9, 13]
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_watch_refuses_a_bad_min_interval(bad):
+    from node_agent.telemetry_service import TelemetryServer
+
+    b = Broadcaster()
+    b.publish(_tick(1))
+    server = TelemetryServer(b, "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            it = pb_grpc.TelemetryServiceStub(ch).Watch(pb.WatchRequest(min_interval_s=bad),
+                                                        timeout=10)
+            with pytest.raises(grpc.RpcError) as e:
+                next(it)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "min_interval_s" in e.value.details()
+        assert b.subscribers == 0
+    finally:
+        server.stop()
