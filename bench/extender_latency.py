@@ -2,8 +2,12 @@
 
 A cluster of 5,000 nodes x 8 H100 units with 2 pods bound per unit (80,000 placements) and fresh
 telemetry on every unit is loaded into the real `ClusterState` (the simulator's seam) inside a
-server process running the real app under uvicorn. One client worker then schedules pods one
-after the other over a keep-alive connection (nodeCacheCapable: `NodeNames`): filter, then
+server process running the real app under uvicorn. While the pods are scheduled, a thread of
+that process keeps feeding node snapshots at the rate the extender absorbs at this size (its
+`telemetry.snapshots_per_s` budget: 1,000/s, every node every 5 s at 5,000 nodes), batched as
+the telemetry subscriber batches them, so the row cache pays for the rows telemetry changes
+between two pods. One client worker then schedules
+pods one after the other over a keep-alive connection (nodeCacheCapable: `NodeNames`): filter, then
 prioritize over the nodes filter kept. Two candidate sizes: 500 names (a rotating window, as
 kube-scheduler's percentageOfNodesToScore search produces: a different list every cycle) and
 all 5,000. The same run measures a no-op endpoint on the same server that only parses the request
@@ -88,18 +92,20 @@ def _bound_pod(i: int, u: int, k: int) -> dict[str, Any]:
     }
 
 
-def _snapshot(i: int, now: float) -> Any:
+def _snapshot(i: int, now: float, tick: int = 0) -> Any:
+    """Node i's telemetry; `tick` shifts the unsaturated units' loads, so every tick of the
+    live feed changes what those units can take."""
     from node_agent import telemetry_pb2 as pb
 
-    snap = pb.Snapshot(node=f"node-{i:05d}", timestamp=now, sequence=1, interval_s=1.0)
+    snap = pb.Snapshot(node=f"node-{i:05d}", timestamp=now, sequence=1 + tick, interval_s=1.0)
     for u in range(8):
         # measured load varies per unit so some units take a new pod and some do not; every
         # third node is saturated, so filter also has failed nodes (with reasons) to report
         if i % 3 == 0:
             tensor, bw = 0.93, 0.9
         else:
-            tensor = 0.2 + 0.08 * ((i * 8 + u) % 9)
-            bw = 0.25 + 0.07 * ((i * 5 + u) % 8)
+            tensor = 0.2 + 0.08 * ((i * 8 + u + tick) % 9)
+            bw = 0.25 + 0.07 * ((i * 5 + u + tick) % 8)
         unit = snap.units.add(uuid=f"GPU-{i:05d}-{u}", product=H100, healthy=True,
                               source="gpm", timestamp=now, memory_used_bytes=44 * GI,
                               memory_total_bytes=80 * GI)
@@ -109,8 +115,44 @@ def _snapshot(i: int, now: float) -> Any:
     return snap
 
 
-def _serve(n_nodes: int, out: Any) -> None:
-    """Server process: build the state, serve the real app plus /noop, report the port."""
+def _feed(state: Any, n_nodes: int, hz: float, now: float, applied: Any) -> None:
+    """Every node's agent sends a snapshot `hz` times a second; they arrive spread out in
+    time (built here in a 10 ms rhythm, the cost of receiving them) and are applied the way
+    the telemetry subscriber applies them: the newest per node batched, every FLUSH_S, in
+    chunks of FLUSH_CHUNK per lock hold."""
+    try:
+        from extender.telemetry import FLUSH_S, SnapshotBatch
+    except ImportError:  # a tree from before the batch (before/after runs): one by one
+        FLUSH_S, SnapshotBatch = 0.0, None
+    batch = SnapshotBatch() if SnapshotBatch is not None else None
+    per_tick = n_nodes * hz / 100.0
+    owed, i, tick = 0.0, 0, 1
+    deadline = next_flush = time.perf_counter()
+    while True:
+        owed += per_tick
+        while owed >= 1.0:
+            if batch is None:
+                state.apply_snapshot(f"node-{i:05d}", _snapshot(i, now, tick))
+                applied.value += 1
+            else:
+                batch.offer(f"node-{i:05d}", _snapshot(i, now, tick))
+            owed -= 1.0
+            i += 1
+            if i == n_nodes:
+                i, tick = 0, tick + 1
+        if batch is not None and time.perf_counter() >= next_flush:
+            next_flush += FLUSH_S
+            for chunk in batch.take():
+                state.apply_snapshots(chunk)
+                applied.value += len(chunk)
+                time.sleep(0)
+        deadline += 0.01
+        time.sleep(max(0.0, deadline - time.perf_counter()))
+
+
+def _serve(n_nodes: int, out: Any, telemetry_hz: float = 0.0, applied: Any = None) -> None:
+    """Server process: build the state, serve the real app plus /noop, report the port;
+    with `telemetry_hz`, a thread feeds every node's telemetry at that rate meanwhile."""
     import uvicorn
     from fastapi.responses import Response
 
@@ -147,6 +189,11 @@ def _serve(n_nodes: int, out: Any) -> None:
         return Response(orjson.dumps({"NodeNames": names, "FailedNodes": {}, "Error": ""}),
                         media_type="application/json")
 
+    if telemetry_hz > 0:
+        import threading
+
+        threading.Thread(target=_feed, args=(state, n_nodes, telemetry_hz, frozen, applied),
+                         daemon=True, name="telemetry-feed").start()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -283,15 +330,24 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=1500, help="pods scheduled per case")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="small run (CI smoke)")
+    ap.add_argument("--telemetry-hz", type=float, default=None,
+                    help="feed every node's telemetry at this rate during the run; default: "
+                         "what the extender absorbs at this size (telemetry.snapshots_per_s "
+                         "over the nodes, at most 1 Hz); 0: frozen, the row cache's best case")
     ap.add_argument("--sequential", action="store_true",
                     help="all pods through the extender, then all through the no-op (the "
                          "method before 2026-12-07) instead of alternating per pod")
     a = ap.parse_args()
     if a.quick:
         a.nodes, a.pods, a.warmup = 500, 150, 20
+    if a.telemetry_hz is None:
+        from extender.config import ExtenderConfig
+
+        a.telemetry_hz = min(1.0, ExtenderConfig().telemetry.snapshots_per_s / a.nodes)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_serve, args=(a.nodes, q), daemon=True)
+    applied = ctx.Value("q", 0, lock=False)
+    proc = ctx.Process(target=_serve, args=(a.nodes, q, a.telemetry_hz, applied), daemon=True)
     proc.start()
     try:
         port, build_s, n_pods, n_units = q.get(timeout=900)
@@ -308,6 +364,7 @@ def main() -> None:
             return [all_names[(s + k) % a.nodes] for k in range(small)]
 
         results = {}
+        fed0, t_fed0 = applied.value, time.perf_counter()
         cases = [(f"{small} names", window)]
         if a.nodes > small:
             cases.append((f"{a.nodes} names", lambda j: all_names))
@@ -315,6 +372,7 @@ def main() -> None:
             pods = _pods(a.pods + a.warmup)
             for mode, r in _run(conn, pods, names_for, a.warmup, a.sequential).items():
                 results[(label, mode)] = r
+        fed = (applied.value - fed0) / (time.perf_counter() - t_fed0)
         cur, peak = _rss(proc.pid)
         conn.c.request("GET", "/metrics")
         metrics = conn.c.getresponse().read().decode()
@@ -338,6 +396,8 @@ def main() -> None:
                   f"(no-op {nop['pods_per_s']:.0f})")
         print("server outcomes: " + ", ".join(
             ln.split("{")[1].replace("}", "=").replace('"', "") for ln in outcomes))
+        print(f"telemetry fed during the run: {fed:.0f} node snapshots/s "
+              f"({a.telemetry_hz:g} Hz asked of {a.nodes} nodes)")
         print(f"extender server RSS: {cur:.0f} MiB now, {peak:.0f} MiB peak; "
               f"load average at the end {_load()}")
         print()

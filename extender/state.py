@@ -581,12 +581,29 @@ class ClusterState:
             t.reconnects += 1
             self.counters[("telemetry_reconnects", node)] += 1
 
+    def apply_snapshots(self, items: list[tuple[str, Any]]) -> list[tuple[str, str]]:
+        """Several nodes' snapshots under one lock hold (a telemetry batch). One that cannot
+        be applied is returned as (node, reason) and kept as the node's last error; the others
+        still land."""
+        failed = []
+        with self.lock:
+            for node, snapshot in items:
+                try:
+                    self.apply_snapshot(node, snapshot)
+                except Exception as e:
+                    reason = f"{type(e).__name__}: {e}"
+                    if (t := self.telemetry.get(node)) is not None:
+                        t.last_error = reason
+                    failed.append((node, reason))
+        return failed
+
     def apply_snapshot(self, node_name: str, snapshot: Any) -> None:
         """One telemetry tick of a node (telemetry_pb2.Snapshot).
 
         Samples are timed by *arrival* on the state clock, less how much older the unit's
         reading was than the tick: agent and extender clocks need not agree."""
         stat = self.statistic
+        sequence, units = snapshot.sequence, snapshot.units  # not a Snapshot: fail untouched
         with self.lock:
             now = self.now()
             t = self.telemetry.get(node_name)
@@ -597,13 +614,13 @@ class ClusterState:
             if t.last_seen is None or t.last_seen < now - self.policy.stale_after_s:
                 self._stale_cache = (-math.inf, frozenset())  # this node turns fresh
             t.last_seen = now
-            t.sequence = snapshot.sequence
+            t.sequence = sequence
             t.snapshots += 1
             t.last_error = None
             unknown = unhealthy = recorded = 0
             info = self.nodes.get(node_name)
             sources = set()
-            for u in snapshot.units:
+            for u in units:
                 lag = max(0.0, snapshot.timestamp - u.timestamp) if u.timestamp > 0 else 0.0
                 if self.view.unit_type(u.uuid) is None:
                     unknown += 1
@@ -625,7 +642,7 @@ class ClusterState:
                     float(u.memory_used_bytes),
                     _metric(u.tensor_active, stat) if u.tensor_active.present else None,
                 )
-            t.units = len(snapshot.units)
+            t.units = len(units)
             t.unknown_units = unknown
             t.unhealthy = unhealthy
             t.recorded = recorded

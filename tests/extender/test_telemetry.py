@@ -200,7 +200,8 @@ def test_a_budget_thins_what_an_agent_sends_but_not_a_health_change(api) -> None
         for seq in range(1, 11):
             agent.snapshots.put(snapshot("n0", seq, {"GPU-n0-0": {"tensor": 0.1 * seq}}))
         wait_for(lambda: sub.dropped == 9, what="nine early snapshots dropped")
-        assert state.telemetry["n0"].snapshots == 1
+        wait_for(lambda: state.telemetry.get("n0") and state.telemetry["n0"].snapshots == 1,
+                 what="the first snapshot applied")
         assert state.view.unit_load("GPU-n0-0", clock.t, 15.0)["sm"] == pytest.approx(0.1)
         agent.snapshots.put(snapshot("n0", 11, {"GPU-n0-0": {"healthy": False}}))
         wait_for(lambda: state.telemetry["n0"].snapshots == 2, what="the health change")
@@ -208,3 +209,34 @@ def test_a_budget_thins_what_an_agent_sends_but_not_a_health_change(api) -> None
     finally:
         sub.stop()
         agent.stop()
+
+
+def test_a_batch_keeps_each_nodes_newest_snapshot_and_chunks_in_arrival_order() -> None:
+    from extender.telemetry import SnapshotBatch
+
+    b = SnapshotBatch()
+    for seq, node in enumerate(["a", "b", "a", "c", "d", "e"]):
+        b.offer(node, seq)
+    assert len(b) == 5
+    assert b.take(chunk=2) == [[("b", 1), ("a", 2)], [("c", 3), ("d", 4)], [("e", 5)]]
+    assert len(b) == 0 and b.take() == []
+
+
+def test_a_snapshot_that_cannot_be_applied_does_not_stop_the_batch(api) -> None:
+    clock = Clock()
+    state = ClusterState(PolicyConfig(stale_after_s=15.0), now=clock)
+    for n in ("n0", "n1", "n2"):
+        state.upsert_node(api.node(gpu_node(n, gpu_units(n, 1))))
+    state.apply_snapshot("n1", snapshot("n1", 1, {"GPU-n1-0": {"tensor": 0.2}}))
+    seen = state.telemetry["n1"].last_seen
+    clock.t += 5.0
+    failed = state.apply_snapshots([
+        ("n0", snapshot("n0", 1, {"GPU-n0-0": {"tensor": 0.4}})),
+        ("n1", object()),  # not a Snapshot
+        ("n2", snapshot("n2", 1, {"GPU-n2-0": {"tensor": 0.6}})),
+    ])
+    assert [n for n, _ in failed] == ["n1"] and "AttributeError" in failed[0][1]
+    assert state.telemetry["n1"].last_error == failed[0][1]
+    assert state.telemetry["n1"].last_seen == seen  # the bad one left the node as it was
+    for n, v in (("n0", 0.4), ("n1", 0.2), ("n2", 0.6)):
+        assert state.view.unit_load(f"GPU-{n}-0", clock.t, 15.0)["sm"] == pytest.approx(v)
