@@ -101,16 +101,22 @@ class Scheduler:
         self.state.record_explanation(req.key, summary)
 
     def _split_failures(
-        self, failed: dict[str, str]
+        self, failed: dict[str, str], all_in_view: bool = False
     ) -> tuple[dict[str, str], dict[str, str]]:
         """Resolvable failures (load: preemption may help) vs nodes that can never host a copack
-        pod (no or broken inventory). Unknown nodes stay resolvable: they may appear. Three
-        dict/set lookups per failed node: this runs for up to 5,000 nodes per filter."""
+        pod (no or broken inventory). Unknown nodes stay resolvable: they may appear. Up to
+        three dict/set lookups per failed node: this runs for up to 5,000 nodes per filter.
+        `all_in_view`: every failed node has a row in the view, so the state knows it (the
+        view's nodes are the state's nodes with units) and the first check is moot."""
         s = self.state
         nodes, problems = s.nodes, s.problem_nodes
         stale = s.stale_nodes()
         names = failed.keys()
-        if names <= nodes.keys() and names.isdisjoint(problems) and names.isdisjoint(stale):
+        if (
+            (all_in_view or names <= nodes.keys())
+            and (not problems or names.isdisjoint(problems))
+            and names.isdisjoint(stale)
+        ):
             return failed, {}  # the common case, decided with C-level set operations
         out: dict[str, str] = {}
         never: dict[str, str] = {}
@@ -155,7 +161,7 @@ class Scheduler:
             now = s.now()
             d = decide(s.view, req, args.node_names, now, s.policy, s.demand_model)
             feasible = d.feasible_nodes
-            failed, never = self._split_failures(d.failed_nodes)
+            failed, never = self._split_failures(d.failed_nodes, d.failed_all_in_view)
             rv = str((args.pod.get("metadata") or {}).get("resourceVersion") or "")
             self._remember(key, args.uid, rv, d)
             chosen = d.chosen

@@ -233,6 +233,11 @@ class Decision:
         return list(itemgetter(*idx)(seq))
 
     @cached_property
+    def failed_all_in_view(self) -> bool:
+        """Every candidate that failed resolved to a row of the view (none is unknown)."""
+        return bool((self.cand_row[~self._feasible_mask] >= 0).all())
+
+    @cached_property
     def feasible_nodes(self) -> list[str]:
         return self.cand_array[self._feasible_mask].tolist()
 
