@@ -200,3 +200,26 @@ def test_telemetrys_short_cut_leaves_the_loads_a_full_recompute_gives(cluster, e
     v.set_assumed_window(v.assumed_window_s)  # recomputes every unit
     for a, b in zip(got, (v.eff_sm, v.eff_bw, v.eff_mem), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pod_on_a_mig_slice_re_scores_its_siblings_row() -> None:
+    """Two MIG slices of one GPU on two rows (a row holds one unit here): a pod filling one
+    slice makes the GPU busy, which changes how the other slice scores (consolidation
+    prefers GPUs already in use), so the sibling's row must be re-scored too."""
+    v = ClusterView(capacity=8, units_per_row=1)
+    v.set_node("a", [mig_unit("a", 0, 0, "3g.40gb"), mig_unit("a", 0, 1, "3g.40gb")])
+    v.set_node("b", [mig_unit("b", 0, 0, "3g.40gb"), mig_unit("b", 0, 1, "3g.40gb")])
+    # a small pod on an unhealthy GPU elsewhere: the view-wide facts the entry depends on
+    # (smallest pod placed) stay put when the big pod lands, so the entry is patched, not rebuilt
+    v.set_node("c", [whole_gpu("c", 0)])
+    v.place("ns/small", "GPU-c-0", Demand(0.1, 0.1, 2**30), NOW)
+    v.set_unit_health("GPU-c-0", False)
+    cfg = PolicyConfig(consolidate=True)
+    r = request(("decode", 0.2, 0.2, 8 * 2**30))
+    before = decide(v, r, None, NOW, cfg, DM)
+    decide(v, r, None, NOW, cfg, DM)  # the shape's entry is built and used
+    v.place("ns/p0", "MIG-b-0-1", Demand(0.2, 0.2, 38 * 2**30), NOW)  # no room left there
+    cached = decide(v, r, None, NOW, cfg, DM)
+    _same(cached, decide(v, r, None, NOW, cfg, DM, use_cache=False))
+    assert before.chosen == ("a", "MIG-a-0-0")
+    assert cached.chosen == ("b", "MIG-b-0-0")  # the busy GPU's other slice now wins
