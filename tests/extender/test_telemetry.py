@@ -5,8 +5,7 @@ agent annotation."""
 from __future__ import annotations
 
 import queue
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -21,6 +20,7 @@ from node_agent import telemetry_pb2_grpc as pb_grpc
 from policies.config import PolicyConfig
 from tests.extender.conftest import Clock, serve_app
 from tests.fakes.kube_objects import copack_pod, extender_args, gpu_node, gpu_units
+from tests.fakes.polling import eventually as wait_for
 
 GI = 1024**3
 
@@ -67,14 +67,6 @@ def snapshot(node: str, seq: int, units: dict[str, dict], t: float = 1_800_000_0
         u.dram_bw_active.CopyFrom(pb.Metric(present=True, value=v.get("bw", 0.0),
                                             ewma=v.get("bw", 0.0)))
     return out
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (v := cond()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return v
 
 
 @pytest.fixture

@@ -8,16 +8,16 @@ load it (`kubernetes.config.new_client_from_config`).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pytest
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from tests.fakes.kube_apiserver import FakeKubeApiServer
+from tests.fakes.polling import eventually  # noqa: F401  (re-exported for the kube tests)
 
 
 class FakeKube(NamedTuple):
@@ -36,19 +36,6 @@ def start_fake_kube(directory: Path, **server_kwargs: object) -> FakeKube:
     kubeconfig = server.write_kubeconfig(directory / "kubeconfig")
     api_client = k8s_config.new_client_from_config(config_file=str(kubeconfig))
     return FakeKube(server, kubeconfig, api_client)
-
-
-def eventually(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `cond` until it is truthy (and return it): watches and leases settle on their own
-    clock, so a test waits for the state instead of sleeping a guessed time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

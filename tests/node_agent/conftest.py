@@ -14,6 +14,7 @@ from node_agent.agent import Agent, AgentConfig
 from node_agent.sampler import Sampler, SamplerConfig
 from tests.fakes import nvml as fake
 from tests.fakes.kube_fixtures import fake_kube  # noqa: F401  (re-exported fixture)
+from tests.fakes.polling import eventually as wait_until
 
 FAST = {"interval_s": 0.1, "rescan_interval_s": 0.3, "nvml_retry_s": 0.1}
 
@@ -31,20 +32,6 @@ def snapshot_or_none(stub: Any) -> Any:
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             return None
         raise
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `pred` until it returns something truthy; fail with `what` after `timeout` seconds.
-
-    Not a timing assertion: the timeout only bounds a hung test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
