@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from node_agent import telemetry_pb2, telemetry_pb2_grpc
-from node_agent.telemetry_service import snapshot_key
+from node_agent.telemetry_service import ThinGate
 
 if TYPE_CHECKING:
     from extender.state import ClusterState
@@ -185,16 +185,14 @@ class TelemetrySubscriber:
                     stub = telemetry_pb2_grpc.TelemetryServiceStub(ch)
                     call = stub.Watch(telemetry_pb2.WatchRequest(min_interval_s=self.interval()))
                     state.telemetry_connecting(node, endpoint)
-                    last_t, last_key = -float("inf"), None
+                    gate = ThinGate()
                     async for snapshot in call:
                         backoff = self._backoff_initial
-                        now = time.monotonic()
-                        key = snapshot_key(snapshot)
-                        if key == last_key and now - last_t < 0.8 * self.interval():
+                        # 0.8: an agent that honours the interval is never cut by jitter
+                        if gate.admit(snapshot, time.monotonic(), 0.8 * self.interval()):
+                            self._batch.offer(node, snapshot)
+                        else:
                             self.dropped += 1
-                            continue
-                        last_t, last_key = now, key
-                        self._batch.offer(node, snapshot)
                     state.telemetry_disconnected(node, "the agent ended the stream",
                                                  endpoint=endpoint)
             except asyncio.CancelledError:

@@ -162,21 +162,38 @@ def snapshot_key(snap: pb.Snapshot) -> tuple:
     return (snap.inventory_generation, tuple((u.uuid, u.healthy) for u in snap.units))
 
 
+class ThinGate:
+    """Lets one snapshot through per interval, and any whose layout or unit health differs
+    from the last one let through: the subscriber must not place onto a unit that failed or
+    a layout that changed while it waits for the next one. Shared by the agent's Watch (tick
+    time) and the extender's subscriber (arrival time, for agents that send every tick)."""
+
+    def __init__(self) -> None:
+        self._last_t = -math.inf
+        self._last_key: tuple | None = None
+
+    def admit(self, snap: pb.Snapshot, t: float, interval_s: float) -> bool:
+        """`snap`, at time `t`, goes through when at least `interval_s` passed since the last
+        one that did (<= 0: every snapshot goes through)."""
+        if interval_s <= 0:
+            return True
+        key = snapshot_key(snap)
+        if key != self._last_key or t - self._last_t >= interval_s:
+            self._last_t, self._last_key = t, key
+            return True
+        return False
+
+
 def thin(snapshots: Iterator[pb.Snapshot], min_interval_s: float) -> Iterator[pb.Snapshot]:
     """At most one snapshot per `min_interval_s` of tick time (a quarter tick of slack, so a
-    5 s interval at 1 s ticks is every fifth tick, not every sixth), except that a change of
-    inventory generation or of any unit's health goes out at once: the subscriber must not
-    place onto a unit that failed or a layout that changed while it waits for the next one."""
+    5 s interval at 1 s ticks is every fifth tick, not every sixth), layout and health
+    changes at once (ThinGate)."""
     if min_interval_s <= 0:
         yield from snapshots
         return
-    last_t = -float("inf")
-    last_key: tuple | None = None
+    gate = ThinGate()
     for snap in snapshots:
-        key = snapshot_key(snap)
-        slack = 0.25 * snap.interval_s
-        if key != last_key or snap.timestamp - last_t >= min_interval_s - slack:
-            last_t, last_key = snap.timestamp, key
+        if gate.admit(snap, snap.timestamp, min_interval_s - 0.25 * snap.interval_s):
             yield snap
 
 

@@ -346,16 +346,14 @@ class Decision:
     @cached_property
     def _row_bad_types(self) -> dict[int, np.ndarray]:
         """type id -> decided columns holding a unit of that type the pod cannot use (folded)."""
-        out: dict[int, np.ndarray] = {}
-        unit_type = self._codes == fz.UNIT_TYPE
         tid = self.view.type_id[:, : self.rows] if self.cols is None else (
             self.view.type_id[:, self.cols]
         )
-        for t in np.flatnonzero(self.table.bad).tolist():
-            cols = (unit_type & (tid == t)).any(axis=0)
+        bad_types = np.flatnonzero(self.table.bad).tolist()
+        out = dict(zip(bad_types, _bad_type_cols(self._codes, tid, bad_types), strict=True))
+        for cols in out.values():
             for pos in self._multi_pos:
                 cols[pos[0]] = cols[pos].any()
-            out[t] = cols
         return out
 
     def _reason_texts(self, pos: np.ndarray, few: bool = False) -> tuple[list[str], np.ndarray]:
@@ -367,16 +365,13 @@ class Decision:
         if few:
             code = self._codes_of(pos)
             key = _count_codes(code)
-            if bad_types:
-                unit_type = code == fz.UNIT_TYPE
-                tid = self.view.type_id[:, pos if self.cols is None else self.cols[pos]]
-                flags = np.stack([(unit_type & (tid == t)).any(axis=0) for t in bad_types], 1)
-                key = np.hstack([key, flags.astype(key.dtype)])
+            tid = self.view.type_id[:, pos if self.cols is None else self.cols[pos]]
+            flags = _bad_type_cols(code, tid, bad_types)
         else:
             key = self._reason_counts_at(pos)
-            if bad_types:
-                flags = np.stack([self._row_bad_types[t][pos] for t in bad_types], axis=1)
-                key = np.hstack([key, flags.astype(key.dtype)])
+            flags = [self._row_bad_types[t][pos] for t in bad_types]
+        if flags:
+            key = np.hstack([key, np.stack(flags, axis=1).astype(key.dtype)])
         uniq, inverse = _group_rows(key)
         texts = []
         for u in uniq.tolist():
@@ -636,6 +631,12 @@ def _resolve(
 
 
 _ROW_HASH = np.random.default_rng(20240611).integers(1, 2**62, size=64, dtype=np.int64)
+
+
+def _bad_type_cols(code: np.ndarray, tid: np.ndarray, bad_types: list[int]) -> list[np.ndarray]:
+    """Per unusable type: which columns hold a unit of it that failed for its type."""
+    unit_type = code == fz.UNIT_TYPE
+    return [(unit_type & (tid == t)).any(axis=0) for t in bad_types]
 
 
 def _count_codes(code: np.ndarray) -> np.ndarray:
