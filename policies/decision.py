@@ -768,7 +768,13 @@ def evaluate_rows(
                 np.maximum(view.burst_sm[:, sel], b_new),
                 view.burst_sum[:, sel] + b_new,
             )
-            fits_sm &= np.less_equal(need + y, bound)
+            # Time-sliced, kernels never overlap either: the unit's resource is its time, and a
+            # decode pod holds it for its bandwidth-bound kernels however few SMs it declares,
+            # so a burst must fit beside max(summed sm, summed bw) (a lower bound of the summed
+            # per-pod time). Under MPS the decode caps' share is the typical-load rule's.
+            fits_sm &= np.less_equal(
+                need + np.where(view.mps[:, sel], y, np.maximum(y, x)), bound
+            )
         if policy_is_burst_aware(config):
             fits_sm &= _typical_load_served(view, request, table, tid, dsm, lsm, config, cols, r)
         ok &= fits_sm

@@ -10,15 +10,20 @@ At every step of a run the recorder reads nested levels, in GPUs:
         dimension of the summed demands clamped at the unit          -> over-provisioning
     D2  D1 with the pods STARTING (model load) or DRAINING (scaled
         down, or evicted and being replaced)                         -> start/drain
-    M   D2 plus the rest of every unit in use whose free memory is
+    B   D2 with the SMs each unit keeps for its prefill bursts: a
+        burst-provisioned pod declares its typical SMs and bursts to
+        what its provisioned load needs; the extender keeps room for
+        the largest burst per MPS unit, every burst on a time-sliced
+        one (docs/policies.md "one burst at a time")                 -> burst reserve
+    M   B plus the rest of every unit in use whose free memory is
         below the smallest pod then bound (no pod could use it)     -> memory-stranded
     N   GPUs in use (any unit holds a pod)                           -> fragmentation
 
 Each level is clamped between the one below it and N, so the levels are monotone and the
 causes (differences of consecutive levels, times the step) add up exactly to the run's GPU
 time in use minus its fluid GPU time. Fragmentation is the remainder: capacity on GPUs in use
-that no declared demand holds although some pod's memory would fit. D1, D2 and M come from the
-engine's per-pod states (vectorized over pods, one bincount per dimension), recomputed every
+that no declared demand or burst reserve holds although some pod's memory would fit. D1, D2, B
+and M come from the engine's per-pod states (vectorized over pods, one bincount per dimension), recomputed every
 `every` steps and whenever the number of GPUs in use changes; F, W, P and N are exact per
 step.
 """
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from policies.annotations import pod_request_from_k8s
+from policies.cluster_view import burst_headroom
 from sim.cluster import Cluster
 from sim.engine import ST_DRAINING, ST_READY, ST_STARTING, Engine
 from sim.lower_bound import DIMENSIONS, fluid_needs
@@ -43,6 +49,7 @@ CAUSES = (
     "whole pods (memory)",
     "over-provisioning",
     "start/drain",
+    "burst reserve",
     "memory-stranded",
     "fragmentation",
 )
@@ -80,17 +87,19 @@ def nested_levels(
     bound: np.ndarray,
     used: np.ndarray,
     stranded: np.ndarray | None = None,
+    reserve: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Levels F <= W <= P <= D1 <= D2 <= M <= N per step, shape (7, steps), M = D2 +
-    `stranded`. Each is clamped between the level below and N (N below F, which a bound should
-    never allow, leaves every level at F and makes fragmentation negative, so the sum still
-    holds)."""
+    """Levels F <= W <= P <= D1 <= D2 <= B <= M <= N per step, shape (8, steps), B = D2 +
+    `reserve`, M = B + `stranded`. Each is clamped between the level below and N (N below F,
+    which a bound should never allow, leaves every level at F and makes fragmentation
+    negative, so the sum still holds)."""
     f = np.asarray(fluid, float)
     n = np.asarray(used, float)
     b = np.asarray(bound, float)
-    m = b + (np.asarray(stranded, float) if stranded is not None else 0.0)
+    br = b + (np.asarray(reserve, float) if reserve is not None else 0.0)
+    m = br + (np.asarray(stranded, float) if stranded is not None else 0.0)
     out = [f]
-    for raw in (np.ceil(f - 1e-9), packing, ready, b, m):
+    for raw in (np.ceil(f - 1e-9), packing, ready, b, br, m):
         lo = out[-1]
         out.append(np.minimum(np.maximum(np.asarray(raw, float), lo), np.maximum(n, lo)))
     out.append(n)
@@ -106,11 +115,12 @@ def attribute(
     dt: float,
     *,
     stranded: np.ndarray | None = None,
+    reserve: np.ndarray | None = None,
     needs: np.ndarray | None = None,
     series_every: int = 1,
 ) -> GapAttribution:
     """The attribution of a run from its per-step levels (see `nested_levels`)."""
-    lv = nested_levels(fluid, packing, ready, bound, used, stranded)
+    lv = nested_levels(fluid, packing, ready, bound, used, stranded, reserve)
     per = np.diff(lv, axis=0)  # (causes, steps)
     causes = {c: float(per[i].sum() * dt) for i, c in enumerate(CAUSES)}
     # fragmentation as the remainder: the causes then sum to used - fluid to the last bit
@@ -141,7 +151,7 @@ def attribute(
 
 
 class GapRecorder:
-    """Reads D1, D2 and N on the sim's clock; `finish` adds the bounds and attributes."""
+    """Reads D1, D2, B, M and N on the sim's clock; `finish` adds the bounds and attributes."""
 
     def __init__(
         self,
@@ -172,14 +182,17 @@ class GapRecorder:
             ]
         )
         self.unit_mem = np.array([float(u.type.memory_bytes) for u in units])
+        self.unit_mps = np.array([bool(u.mps) for u in units])
         self.pod_unit = np.zeros(0, np.int64)
         self.pod_demand = np.zeros((0, 3))  # sm, bw (unit fractions), mem (bytes)
+        self.pod_burst = np.zeros(0)  # SMs above the declared ones while it bursts (unit fr.)
         self.used: list[int] = []
         self.ready: list[float] = []
         self.bound: list[float] = []
+        self.reserve: list[float] = []
         self.stranded: list[float] = []
         self._last_n = -1
-        self._held = (0.0, 0.0, 0.0)
+        self._held = (0.0, 0.0, 0.0, 0.0)
 
     def _learn(self) -> None:
         """Declared demands of pods bound since the last call (the engine's pids grow)."""
@@ -189,22 +202,28 @@ class GapRecorder:
             return
         unit = np.full(n, -1, np.int64)
         dem = np.zeros((n, 3))
-        unit[:old], dem[:old] = self.pod_unit, self.pod_demand
+        burst = np.zeros(n)
+        unit[:old], dem[:old], burst[:old] = self.pod_unit, self.pod_demand, self.pod_burst
         for pid in range(old, n):
             rec = self.records.get(pid)
             if rec is None or rec.unit < 0:
                 continue
-            d = self.demand_model.demand(pod_request_from_k8s(rec.obj), self.unit_type[rec.unit])
+            req = pod_request_from_k8s(rec.obj)
+            ut = self.unit_type[rec.unit]
+            d = self.demand_model.demand(req, ut)
             unit[pid], dem[pid] = rec.unit, (d.sm, d.bw, float(d.mem_bytes))
-        self.pod_unit, self.pod_demand = unit, dem
+            burst[pid] = burst_headroom(req.role, d.sm, self.demand_model.timing(req, ut))
+        self.pod_unit, self.pod_demand, self.pod_burst = unit, dem, burst
 
-    def _need(self, mask: np.ndarray) -> tuple[float, float]:
+    def _need(self, mask: np.ndarray) -> tuple[float, float, float]:
         """GPUs the masked pods' declared demand holds (per unit and dimension the sum clamped
-        at the unit, the binding dimension, summed over units), and the GPUs left on units
-        whose free memory no one of these pods would fit in."""
+        at the unit, the binding dimension, summed over units); the GPUs their bursts keep
+        above that (the largest burst per MPS unit, their sum on a time-sliced one, over the
+        declared SMs, clamped at the unit); the GPUs left on units whose free memory no one of
+        these pods would fit in."""
         u = self.pod_unit[mask]
         if len(u) == 0:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0
         d = self.pod_demand[mask]
         per = np.stack(
             [np.bincount(u, weights=d[:, j], minlength=self.n_units) for j in range(3)], axis=1
@@ -212,10 +231,19 @@ class GapRecorder:
         free_mem = self.unit_mem - per[:, 2]
         per[:, 2] /= self.unit_mem
         held = (np.minimum(per, 1.0) * self.to_gpu).max(axis=1)
+        b = self.pod_burst[mask]
+        top = np.zeros(self.n_units)
+        np.maximum.at(top, u, b)
+        burst = np.where(self.unit_mps, top, np.bincount(u, weights=b, minlength=self.n_units))
+        with_burst = np.maximum(held, np.minimum(per[:, 0] + burst, 1.0) * self.to_gpu[:, 0])
         in_use = np.bincount(u, minlength=self.n_units) > 0
         full = in_use & (free_mem < d[:, 2].min())
-        left = self.to_gpu.max(axis=1) - held
-        return float(held.sum()), float(np.maximum(left[full], 0.0).sum())
+        left = self.to_gpu.max(axis=1) - with_burst
+        return (
+            float(held.sum()),
+            float((with_burst - held).sum()),
+            float(np.maximum(left[full], 0.0).sum()),
+        )
 
     def sample(self, k: int, n_used: int) -> None:
         """Called once per step after the engine served it."""
@@ -226,13 +254,15 @@ class GapRecorder:
             known = self.pod_unit >= 0
             ready = known & (st == ST_READY)
             bound = known & ((st == ST_READY) | (st == ST_STARTING) | (st == ST_DRAINING))
-            (d1, _), (d2, stranded) = self._need(ready), self._need(bound)
-            self._held = (d1, d2, stranded)
+            d1 = self._need(ready)[0]
+            d2, reserve, stranded = self._need(bound)
+            self._held = (d1, d2, reserve, stranded)
             self._last_n = n_used
         self.used.append(n_used)
         self.ready.append(self._held[0])
         self.bound.append(self._held[1])
-        self.stranded.append(self._held[2])
+        self.reserve.append(self._held[2])
+        self.stranded.append(self._held[3])
 
     def finish(
         self, inputs: np.ndarray, fluid: np.ndarray, packing: np.ndarray, dt: float, every: int
@@ -246,6 +276,7 @@ class GapRecorder:
             np.asarray(self.used),
             dt,
             stranded=np.asarray(self.stranded),
+            reserve=np.asarray(self.reserve),
             needs=fluid_needs(self.cluster, inputs),
             series_every=every,
         )

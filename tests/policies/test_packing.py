@@ -8,7 +8,7 @@ from policies.annotations import pod_request_from_k8s, workload_group
 from policies.cluster_view import ClusterView
 from policies.config import PolicyConfig
 from policies.decision import decide
-from policies.model import DemandOverride, LoadSpec, PodRequest
+from policies.model import Demand, DemandOverride, LoadSpec, PodRequest
 from tests.policies.conftest import whole_gpu
 from workloads.roofline import DemandModel
 
@@ -97,6 +97,33 @@ def test_typical_demands_share_a_unit_while_one_burst_fits(demand_model: DemandM
     mid = bursty("q2", 0.2, 10.0 * 0.75 / burst_sm, group="ns/app=y")
     d = decide(v, mid, None, NOW, cfg, demand_model)
     assert d.scores.keys() == {"a"} and "over SM capacity" in d.failed_nodes["ts"], d.explain()
+
+
+def test_time_sliced_burst_waits_for_decode_kernels(demand_model: DemandModel) -> None:
+    """Time-sliced, a decode pod holds the GPU for its bandwidth-bound kernels although it
+    declares almost no SMs: a prefill burst must fit beside the decode pods' bandwidth there,
+    while under MPS (kernels overlap) it fits beside their SMs."""
+    dec = [
+        PodRequest("ns", f"d{i}", role="decode", demand=DemandOverride(0.02, 0.35, 30 * GiB))
+        for i in range(4)
+    ]
+    v = ClusterView()
+    v.set_node("mps", [whole_gpu("mps", 0, product=H200)], mps=True)
+    v.set_node("ts", [whole_gpu("ts", 0, product=H200)], mps=False)
+    for r, uuid in zip(dec, ("GPU-mps-0", "GPU-mps-0", "GPU-ts-0", "GPU-ts-0"), strict=True):
+        v.place(r.key, uuid, Demand(0.02, 0.35, 30 * GiB), NOW - 60, "decode", 20, r)
+    p = bursty("p", 0.15, 10.0)
+    ut = v.unit_type("GPU-ts-0")
+    assert ut is not None
+    burst = demand_model.timing(p, ut).sm_at_load  # type: ignore[union-attr]
+    assert 0.15 + (burst - 0.15) + 0.70 > 1.0 > 0.15 + (burst - 0.15) + 0.04
+    d = decide(v, p, None, NOW, PolicyConfig(consolidate=False), demand_model)
+    assert d.chosen == ("mps", "GPU-mps-0"), d.explain()
+    assert "over SM capacity" in d.failed_nodes["ts"], d.failed_nodes
+    # one decode pod's bandwidth leaves the burst room on the time-sliced GPU too
+    v.unplace("ns/d3")
+    d = decide(v, p, ["ts"], NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("ts", "GPU-ts-0"), d.explain()
 
 
 def test_replicas_of_one_workload_never_share_a_unit(demand_model: DemandModel) -> None:

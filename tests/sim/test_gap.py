@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.inventory import DEMAND_ANNOTATION
+from policies.inventory import DEMAND_ANNOTATION, LOAD_ANNOTATION, MODEL_ANNOTATION
 from sim.catalog import model as catalog_model
 from sim.catalog import unit_type
 from sim.cluster import build_cluster
@@ -54,7 +54,7 @@ def test_dedicated_loses_more_to_fragmentation_than_complementary(small):
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.tuples(*(st.floats(0, 20, allow_nan=False) for _ in range(4)), st.integers(0, 20)),
+        st.tuples(*(st.floats(0, 20, allow_nan=False) for _ in range(6)), st.integers(0, 20)),
         min_size=1,
         max_size=30,
     ),
@@ -62,13 +62,18 @@ def test_dedicated_loses_more_to_fragmentation_than_complementary(small):
 )
 def test_levels_nest_and_causes_telescope(rows, dt):
     a = np.array(rows, dtype=float)
-    fluid = np.minimum(a[:, 0], a[:, 4])  # a bound never above the GPUs in use
-    lv = nested_levels(fluid, a[:, 1], a[:, 2], a[:, 3], a[:, 4])
+    used = a[:, 6]
+    fluid = np.minimum(a[:, 0], used)  # a bound never above the GPUs in use
+    lv = nested_levels(fluid, a[:, 1], a[:, 2], a[:, 3], used, a[:, 4], a[:, 5])
+    assert lv.shape[0] == len(CAUSES) + 1
     assert (np.diff(lv, axis=0) >= 0).all()
-    assert (lv[-1] == a[:, 4]).all() and (lv[0] == fluid).all()
-    g = attribute(fluid, a[:, 1], a[:, 2], a[:, 3], a[:, 4], dt, series_every=3)
+    assert (lv[-1] == used).all() and (lv[0] == fluid).all()
+    g = attribute(
+        fluid, a[:, 1], a[:, 2], a[:, 3], used, dt,
+        stranded=a[:, 4], reserve=a[:, 5], series_every=3,
+    )  # fmt: skip
     assert math.isclose(
-        sum(g.causes.values()), (a[:, 4] - fluid).sum() * dt, rel_tol=1e-12, abs_tol=1e-9
+        sum(g.causes.values()), (used - fluid).sum() * dt, rel_tol=1e-12, abs_tol=1e-9
     )
     assert min(g.causes.values()) >= -1e-9
 
@@ -79,12 +84,9 @@ def test_levels_nest_and_causes_telescope(rows, dt):
 class _Setup:
     """Two H100s, one service; pods declare `copack.io/demand` in full (no roofline)."""
 
-    def __init__(self) -> None:
-        self.cluster = build_cluster(
-            ClusterSpec.model_validate(
-                {"pools": [{"name": "a", "count": 1, "gpus_per_node": 2, "product": "H100-SXM"}]}
-            )
-        )
+    def __init__(self, sharing: str = "mps") -> None:
+        pool = {"name": "a", "count": 1, "gpus_per_node": 2, "product": "H100-SXM"}
+        self.cluster = build_cluster(ClusterSpec.model_validate({"pools": [pool | {"sharing": sharing}]}))
         m = catalog_model(MODEL)
         self.ref = unit_type("H100-SXM", None)
         self.perf = PerfTables([m], self.ref)
@@ -107,15 +109,14 @@ class _Setup:
 
         self.rec = GapRecorder(self.cluster, self.engine, DemandModel(), self.by_pid, every=1)
 
-    def pod(self, unit: int, demand: str, ready_at: float) -> int:
+    def pod(self, unit: int, demand: str, ready_at: float, load: str = "") -> int:
+        """A decode pod declaring `demand`; with `load` a prefill pod of MODEL provisioned for
+        that load (its bursts) that declares `demand` (its typical SMs)."""
         name = f"p{len(self.by_pid)}"
-        obj = {
-            "metadata": {
-                "name": name,
-                "annotations": {"copack.io/role": "decode", DEMAND_ANNOTATION: demand},
-            },
-            "spec": {},
-        }
+        ann = {"copack.io/role": "decode", DEMAND_ANNOTATION: demand}
+        if load:
+            ann |= {"copack.io/role": "prefill", MODEL_ANNOTATION: MODEL, LOAD_ANNOTATION: load}
+        obj = {"metadata": {"name": name, "annotations": ann}, "spec": {}}
         rec = PodRecord(name, 0, DECODE, obj, 0.0, 0.0, state="bound", unit=unit)
         rec.pid = self.engine.add_pod(0, DECODE, unit, self.ptype, 1.0, ready_at, 8)
         self.by_pid[rec.pid] = rec
@@ -200,3 +201,23 @@ def test_a_unit_whose_free_memory_fits_no_pod_is_memory_stranded():
     assert g.causes["over-provisioning"] == pytest.approx(0.4 * 5)  # 0.8 + 0.6 declared - 1
     assert g.causes["memory-stranded"] == pytest.approx(0.2 * 5, rel=1e-6)
     assert g.causes["fragmentation"] == pytest.approx(0.4 * 5, rel=1e-6)
+
+
+@pytest.mark.parametrize("sharing", ["mps", "time-slicing"])
+def test_room_kept_for_prefill_bursts_is_burst_reserve(sharing):
+    """A prefill pod declaring typical SMs below what its provisioned load needs keeps room
+    for its burst: the largest per MPS unit, every one on a time-sliced unit."""
+    s = _Setup(sharing)
+    load = "rps=10,prompt=2048,output=64"
+    s.pod(0, "sm=0.1,bw=0.05,mem=4Gi", ready_at=0.0, load=load)
+    s.pod(0, "sm=0.1,bw=0.05,mem=4Gi", ready_at=0.0, load=load)
+    s.pod(1, "sm=0.1,bw=0.9,mem=16Gi", ready_at=0.0)  # a decode pod: no burst
+    g = s.run(5, used=2, fluid=0.5, packing=1.0)
+    burst = s.rec.pod_burst[0]
+    assert s.rec.pod_burst[2] == 0.0
+    assert 0.1 < burst < 0.4  # rps=10 of 2k-token prompts: more than the declared 0.1
+    reserve = burst if sharing == "mps" else 2 * burst
+    assert g.causes["burst reserve"] == pytest.approx(reserve * 5, rel=1e-6)
+    held = 0.2 + 0.9  # unit 0: sm 0.2 declared; unit 1: bw 0.9
+    assert g.causes["over-provisioning"] == pytest.approx((held - 1.0) * 5, rel=1e-6)
+    assert g.causes["fragmentation"] == pytest.approx((2 - held - reserve) * 5, rel=1e-6)
