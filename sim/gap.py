@@ -23,9 +23,9 @@ Each level is clamped between the one below it and N, so the levels are monotone
 causes (differences of consecutive levels, times the step) add up exactly to the run's GPU
 time in use minus its fluid GPU time. Fragmentation is the remainder: capacity on GPUs in use
 that no declared demand or burst reserve holds although some pod's memory would fit. D1, D2, B
-and M come from the engine's per-pod states (vectorized over pods, one bincount per dimension), recomputed every
-`every` steps and whenever the number of GPUs in use changes; F, W, P and N are exact per
-step.
+and M come from the engine's per-pod states (vectorized over pods, one bincount per
+dimension), recomputed every `every` steps and whenever the number of GPUs in use changes; F,
+W, P and N are exact per step.
 """
 
 from __future__ import annotations

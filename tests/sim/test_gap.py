@@ -86,7 +86,8 @@ class _Setup:
 
     def __init__(self, sharing: str = "mps") -> None:
         pool = {"name": "a", "count": 1, "gpus_per_node": 2, "product": "H100-SXM"}
-        self.cluster = build_cluster(ClusterSpec.model_validate({"pools": [pool | {"sharing": sharing}]}))
+        pool["sharing"] = sharing
+        self.cluster = build_cluster(ClusterSpec.model_validate({"pools": [pool]}))
         m = catalog_model(MODEL)
         self.ref = unit_type("H100-SXM", None)
         self.perf = PerfTables([m], self.ref)
