@@ -48,7 +48,9 @@ def _rebalancer(r: RunResult) -> tuple[float, int] | None:
     return stats.evictions / hours if hours else 0.0, stats.requests_lost
 
 
-def policy_table(results: list[RunResult], previous: dict[str, Any] | None) -> str:
+def policy_table(
+    results: list[RunResult], previous: dict[str, Any] | None, commit: str = PREVIOUS_MAIN
+) -> str:
     lb, plb = lower_bound_hours(results), packing_bound_hours(results)
     by = {r.policy: r for r in rows(results)}
     ded = by.get("dedicated")
@@ -56,7 +58,7 @@ def policy_table(results: list[RunResult], previous: dict[str, Any] | None) -> s
              "evictions/h", "requests lost"]
     prev_rows = {p["policy"]: p for p in (previous or {}).get("rows", [])}
     if previous is not None:
-        heads += [f"{PREVIOUS_MAIN} GPU-h", f"{PREVIOUS_MAIN} SLO", "GPU-h change"]
+        heads += [f"{commit} GPU-h", f"{commit} SLO", "GPU-h change"]
     body = []
     for r in results:
         row = by[r.policy]
@@ -148,7 +150,7 @@ def main() -> int:
         )
         print(render_text(results))
         print()
-        print(policy_table(results, prev))
+        print(policy_table(results, prev, args.baseline))
         rebal = ", ".join(scenario.rebalancer.policies) or "none"
         print(f"   (rebalancer on: {rebal})")
         print(f"   goals for complementary ({label}):")
