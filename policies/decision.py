@@ -21,15 +21,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from policies import feasibility as fz
+from policies import packing_rules as rules
 from policies import row_cache
-from policies.cluster_view import ClusterView, burst_headroom, declares_typical_sm
+from policies.cluster_view import ClusterView, burst_headroom
 from policies.config import PolicyConfig
-from policies.contention import slowdown_factor
 from policies.model import Demand, PodRequest, Timing, UnitType
 from policies.row_cache import RowEval
-from policies.share import sm_share, sm_share_fraction
+from policies.share import sm_share
 
-_EPS = 1e-9
+_EPS = rules.EPS
 _SQRT3 = math.sqrt(3.0)
 # consolidate: a unit on an idle GPU scores below every unit on a GPU in use (whose -|h|^2 is
 # above -(2 (1 + w) + 1) for fragmentation weights w <= 10), then by the GPU's size.
@@ -749,38 +749,23 @@ def evaluate_rows(
         empty = np.equal(npods, 0)
         ok &= empty
     fits_sm = fits_bw = slo_bad = None
-    correlated = _correlated_units(view, request, table, config, tid.shape, cols)
+    correlated = rules.correlated_units(view, request, table, config, tid.shape, cols)
     if correlated is not None:
         ok &= ~correlated
     if config.policy != "binpack":
         bound = 1.0 + config.overcommit + _EPS
         fits_sm = np.less_equal(y, bound)
         fits_bw = np.less_equal(x, bound)
-        if policy_is_burst_aware(config) and (table.burst.any() or view.has_burst_pods()):
-            # at most one of the unit's burst-provisioned pods bursts at a time (bursts of
-            # different workloads are rare and independent): while it does, the others run at
-            # their typical load, and the largest burst must still fit. That needs MPS (kernels
-            # of several pods at once); time-sliced units count every pod at its provisioned load
-            sel = slice(None, r) if cols is None else cols
-            b_new = np.take(table.burst, tid, mode="clip")
-            need = np.where(
-                view.mps[:, sel],
-                np.maximum(view.burst_sm[:, sel], b_new),
-                view.burst_sum[:, sel] + b_new,
+        if rules.policy_is_burst_aware(config) and (table.burst.any() or view.has_burst_pods()):
+            fits_sm &= rules.one_burst_fits(view, table, tid, x, y, bound, cols, r)
+        if rules.policy_is_burst_aware(config):
+            fits_sm &= rules.typical_load_served(
+                view, request, table, tid, dsm, lsm, config, cols, r
             )
-            # Time-sliced, kernels never overlap either: the unit's resource is its time, and a
-            # decode pod holds it for its bandwidth-bound kernels however few SMs it declares,
-            # so a burst must fit beside max(summed sm, summed bw) (a lower bound of the summed
-            # per-pod time). Under MPS the decode caps' share is the typical-load rule's.
-            fits_sm &= np.less_equal(
-                need + np.where(view.mps[:, sel], y, np.maximum(y, x)), bound
-            )
-        if policy_is_burst_aware(config):
-            fits_sm &= _typical_load_served(view, request, table, tid, dsm, lsm, config, cols, r)
         ok &= fits_sm
         ok &= fits_bw
         if config.slo_check:
-            slo_bad = _slo_violations(view, request, table, tid, dsm, lsm, x, y, config, cols)
+            slo_bad = rules.slo_violations(view, request, table, tid, dsm, lsm, x, y, config, cols)
             if slo_bad is not None:
                 ok &= ~slo_bad
 
@@ -797,7 +782,7 @@ def evaluate_rows(
         score += tmp
         w = config.fragmentation_weight
         if w > 0.0:  # residual SMs/bandwidth of a unit nothing else can enter are stranded
-            closed = _closed_units(view, table, msum, mem_cap, npods, config, buf, tmp)
+            closed = rules.closed_units(view, table, msum, mem_cap, npods, config, buf, tmp)
             # score *= 1 + w * closed: three plain passes are 5x faster than one `where=` pass
             np.multiply(closed, w, out=tmp)
             tmp += 1.0
@@ -976,7 +961,7 @@ def _row_local(
     if config.policy not in ("complementary", "binpack"):
         return False
     return not (
-        policy_is_burst_aware(config)
+        rules.policy_is_burst_aware(config)
         and config.separate_bursty_replicas
         and request.group
         and table.burst.any()
@@ -991,146 +976,6 @@ def _slot_load(
     if view.tel_t[slot] < now - stale_after_s:
         return float(view.decl_sm[slot]), float(view.decl_bw[slot]), float(view.decl_mem[slot])
     return float(view.eff_sm[slot]), float(view.eff_bw[slot]), float(view.eff_mem[slot])
-
-
-def policy_is_burst_aware(config: PolicyConfig) -> bool:
-    """Only copack's own policy reads typical-vs-provisioned demand; the baselines keep the
-    semantics of the schedulers they stand for."""
-    return config.policy == "complementary"
-
-
-# A pod's typical prefill load over the SMs its MPS neighbours' decode caps leave it: a queue
-# whose utilization reaches 1 grows without bound, whatever the per-request SLO check says.
-_MIN_SM_LEFT = 0.05
-
-
-def _typical_load_served(
-    view: ClusterView,
-    request: PodRequest,
-    table: TypeTable,
-    tid: np.ndarray,
-    dsm: np.ndarray,
-    lsm: np.ndarray,
-    config: PolicyConfig,
-    cols: np.ndarray | None,
-    r: int,
-) -> np.ndarray | bool:
-    """Units where every typical-declaring prefill pod (the new one or one already there)
-    still serves its typical load with the SMs the decode pods' MPS caps leave: decode kernels
-    hold their cap's SMs while they run, and decode pods run nearly all the time. Conservative
-    (the whole typical load is taken as SM-bound)."""
-    sel = slice(None, r) if cols is None else cols
-    caps = view.decode_caps[:, sel]
-    slack = config.overcommit + _EPS
-    if declares_typical_sm(request.role, request):
-        left = np.maximum(_MIN_SM_LEFT, 1.0 - caps)
-        return np.less_equal(dsm, left + slack) | ~view.mps[:, sel]
-    if request.role == "decode":
-        typical = view.typical_sm[:, sel]
-        cap = sm_share_fraction("decode", dsm, lsm, config)
-        left = np.maximum(_MIN_SM_LEFT, 1.0 - caps - cap)
-        return np.less_equal(typical, left + slack) | ~view.mps[:, sel]
-    return True
-
-
-def _correlated_units(
-    view: ClusterView,
-    request: PodRequest,
-    table: TypeTable,
-    config: PolicyConfig,
-    shape: tuple[int, ...],
-    cols: np.ndarray | None,
-) -> np.ndarray | None:
-    """Units holding a burst-provisioned replica of the pod's own workload when the pod is
-    burst-provisioned too (None: no such unit)."""
-    if (
-        not policy_is_burst_aware(config)
-        or not config.separate_bursty_replicas
-        or not request.group
-        or not table.burst.any()
-    ):
-        return None
-    slots = view.bursty_slots(request.group)
-    if not slots:
-        return None
-    out = np.zeros(shape, dtype=bool)
-    for j, row in slots:
-        if cols is None:
-            if row < shape[1]:
-                out[j, row] = True
-            continue
-        at = int(np.searchsorted(cols, row))
-        if at < len(cols) and cols[at] == row:
-            out[j, at] = True
-    return out
-
-
-def _closed_units(
-    view: ClusterView,
-    table: TypeTable,
-    msum: np.ndarray,
-    mem_cap: np.ndarray,
-    npods: np.ndarray,
-    config: PolicyConfig,
-    buf: Any,
-    tmp: np.ndarray,
-) -> np.ndarray:
-    """Units the pod would leave closed to every pod the cluster runs: the memory left is
-    below the smallest pod placed anywhere (or the pod itself), or its last slot is taken.
-    Their leftover SMs and bandwidth are lost for as long as the pod stays (fragmentation)."""
-    closed = np.greater_equal(npods, config.max_pods_per_unit - 1, out=buf("closed", bool))
-    sizes = table.mem[(~table.bad) & (table.mem > 0)]
-    small = float(sizes.min()) if len(sizes) else math.inf
-    known = view.min_pod_mem_bytes
-    if known is not None:
-        small = min(small, float(known))
-    if math.isfinite(small):
-        np.subtract(mem_cap, msum, out=tmp)
-        closed |= np.less(tmp, small, out=buf("closed_mem", bool))
-    return closed
-
-
-def _slo_violations(
-    view: ClusterView,
-    request: PodRequest,
-    table: TypeTable,
-    tid: np.ndarray,
-    dsm: np.ndarray,
-    lsm: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
-    config: PolicyConfig,
-    cols: np.ndarray | None = None,
-) -> np.ndarray | None:
-    """Units where the pod's predicted slowdown breaks its SLO, or where the contention it adds
-    exceeds the tolerance of an SLO-carrying pod already there (cluster_view._tolerance)."""
-    slo = request.slo
-    if slo.empty and not view.has_slo_pods():
-        return None
-    r = view.n_rows
-    bad = None
-    ex = np.maximum(0.0, x - 1.0)
-    ey = np.maximum(0.0, y - 1.0)
-    if view.has_slo_pods():
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tol_x = view.tol_x[:, :r] if cols is None else view.tol_x[:, cols]
-            tol_y = view.tol_y[:, :r] if cols is None else view.tol_y[:, cols]
-            ux = np.where(ex > 0, ex / tol_x, 0.0)
-            uy = np.where(ey > 0, ey / tol_y, 0.0)
-        bad = ux + uy > 1.0 + 1e-9
-    if slo.empty:
-        return bad
-    share = sm_share_fraction(request.role, dsm, lsm, config)
-    own = np.zeros(tid.shape, dtype=bool)
-    if slo.ttft_s is not None and request.role != "decode":
-        f = slowdown_factor(table.a_p[tid], table.mf_p[tid], share, x, y)
-        base = table.ttft[tid]
-        own |= (base * f > slo.ttft_s * (1 + 1e-9)) & (base > 0)
-    if slo.tpot_s is not None and request.role != "prefill":
-        f = slowdown_factor(table.a_d[tid], table.mf_d[tid], share, x, y)
-        base = table.tpot[tid]
-        own |= (base * f > slo.tpot_s * (1 + 1e-9)) & (base > 0)
-    return own if bad is None else (bad | own)
 
 
 def choose_unit(
