@@ -23,6 +23,10 @@ _SQRT3 = math.sqrt(3.0)
 # above -(2 (1 + w) + 1) for fragmentation weights w <= 10), then by the GPU's size.
 OPEN_PENALTY = 32.0
 OPEN_FIT_WEIGHT = 0.1  # best-fit among idle GPUs of one size, below the size term
+# Where a cluster has both, an idle time-sliced GPU opens after an idle MPS GPU of any size
+# down to about half its memory: it takes fewer neighbours (their times add up,
+# one_burst_fits), so the pods that open GPUs go where the pods that follow can join them.
+TIME_SLICED_OPEN_PENALTY = 0.5
 
 
 def unit_scores(nb: np.ndarray) -> np.ndarray:
@@ -31,7 +35,8 @@ def unit_scores(nb: np.ndarray) -> np.ndarray:
     (the largest near 0.45), so kube-scheduler's 0..10 node scores keep the order."""
     used = nb > -OPEN_PENALTY
     fit_used = 1.0 - np.sqrt(np.maximum(0.0, -nb)) / _SQRT3
-    idle = np.maximum(0.0, -nb - OPEN_PENALTY)  # (1 - size ratio) + 0.1 |h|^2: 0 .. ~1.5
+    # (1 - size ratio) + 0.1 |h|^2 (+ 0.5 time-sliced): 0 .. ~1.5
+    idle = np.maximum(0.0, -nb - OPEN_PENALTY)
     return np.where(
         used, 0.5 + 0.5 * np.clip(fit_used, 0.0, 1.0), 0.45 * np.clip(1.0 - idle / 1.5, 0.0, 1.0)
     )

@@ -44,7 +44,7 @@ _FLOAT_FIELDS = (
     "tol_x",
     "tol_y",
     "burst_sm",
-    "burst_sum",
+    "time_sum",
     "decode_caps",
     "typical_sm",
     "gpu_mem",
@@ -190,6 +190,7 @@ class ClusterView:
         # workload group -> {unit uuid: bursty (prefill/mixed) replicas of it there}
         self._bursty: dict[str, dict[str, int]] = {}
         self._n_burst = 0  # pods with burst headroom above their declared SMs
+        self._sharing: tuple[int, bool, bool] = (-1, False, False)  # (layout, any MPS, any ts)
         self._min_mem: int | None = None
         self._window = 10.0
         self.version = 0  # bumped on every change
@@ -541,12 +542,12 @@ class ClusterView:
         cutoff = self.tel_t[slot] - self._window
         dsm = dbw = dmem = rsm = rbw = rmem = 0.0
         tx = ty = math.inf
-        burst = burst_sum = caps = typical = 0.0
+        burst = caps = typical = time_sum = 0.0
         for rec in pods.values():
             d = rec.demand
             b = burst_headroom(rec.role, d.sm, rec.timing)
             burst = max(burst, b)
-            burst_sum += b
+            time_sum += max(d.sm, d.bw)  # a time-sliced unit runs one pod at a time
             if rec.role == "decode":
                 caps += rec.sm_share / 100.0
             elif declares_typical_sm(rec.role, rec.request):
@@ -566,7 +567,7 @@ class ClusterView:
         self.eff_bw[slot] = max(self.tel_bw[slot] + rbw, dbw)
         self.eff_mem[slot] = max(self.tel_mem[slot] + rmem, dmem)
         self.tol_x[slot], self.tol_y[slot] = tx, ty
-        self.burst_sm[slot], self.burst_sum[slot] = burst, burst_sum
+        self.burst_sm[slot], self.time_sum[slot] = burst, time_sum
         self.decode_caps[slot], self.typical_sm[slot] = caps, typical
         delta = len(pods) - int(self.npods[slot])
         self.npods[slot] = len(pods)
@@ -734,6 +735,22 @@ class ClusterView:
     def min_pod_mem_bytes(self) -> int | None:
         """The smallest memory any placed pod declared (None when no pod is placed)."""
         return self._min_mem
+
+    def _sharing_kinds(self) -> tuple[bool, bool]:
+        version, any_mps, any_ts = self._sharing
+        if version != self.layout_version:
+            any_mps = bool((self.active & self.mps).any())
+            any_ts = bool((self.active & ~self.mps).any())
+            self._sharing = (self.layout_version, any_mps, any_ts)
+        return any_mps, any_ts
+
+    def has_time_sliced(self) -> bool:
+        """Whether any active unit is time-sliced (its pods' kernels never overlap)."""
+        return self._sharing_kinds()[1]
+
+    def has_mixed_sharing(self) -> bool:
+        """Whether the active units include both MPS and time-sliced ones."""
+        return all(self._sharing_kinds())
 
     def has_slo_pods(self) -> bool:
         """Whether any placed pod carries an SLO (else the neighbour check is skipped)."""

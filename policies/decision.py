@@ -19,7 +19,13 @@ import numpy as np
 
 from policies import packing_rules as rules
 from policies import row_cache
-from policies.answer import OPEN_FIT_WEIGHT, OPEN_PENALTY, Decision, Placement
+from policies.answer import (
+    OPEN_FIT_WEIGHT,
+    OPEN_PENALTY,
+    TIME_SLICED_OPEN_PENALTY,
+    Decision,
+    Placement,
+)
 from policies.cluster_view import ClusterView, burst_headroom
 from policies.config import PolicyConfig
 from policies.model import Demand, PodRequest, Timing, UnitType
@@ -275,7 +281,9 @@ def evaluate_rows(
         bound = 1.0 + config.overcommit + _EPS
         fits_sm = np.less_equal(y, bound)
         fits_bw = np.less_equal(x, bound)
-        if rules.policy_is_burst_aware(config) and (table.burst.any() or view.has_burst_pods()):
+        if rules.policy_is_burst_aware(config) and (
+            table.burst.any() or view.has_burst_pods() or view.has_time_sliced()
+        ):
             fits_sm &= rules.one_burst_fits(view, table, tid, x, y, bound, cols, r)
         if rules.policy_is_burst_aware(config):
             fits_sm &= rules.typical_load_served(
@@ -315,10 +323,12 @@ def evaluate_rows(
             sel = slice(None, r) if cols is None else cols
             idle = np.equal(view.gpu_pods[:, sel], 0)
             if idle.any():
-                # score = -(OPEN + (1 - gpu_mem / largest) + 0.1 |h|^2) on idle GPUs
+                # score = -(OPEN + (1 - gpu_mem / largest) + 0.1 |h|^2 [+ 0.5 time-sliced]) idle
                 small = np.divide(view.gpu_mem[:, sel], max(view.max_gpu_mem, 1.0))
                 np.subtract(1.0 + OPEN_PENALTY, small, out=small)
                 small -= OPEN_FIT_WEIGHT * score
+                if view.has_mixed_sharing():
+                    small += TIME_SLICED_OPEN_PENALTY * ~view.mps[:, sel]
                 np.putmask(score, idle, -small)
     elif policy == "binpack":  # HAMi/gpushare binpack: fullest memory first
         np.divide(msum, mem_cap, out=score)

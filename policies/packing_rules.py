@@ -1,5 +1,5 @@
 """The packing rules beyond capacity that the decision core ANDs into a unit's feasibility:
-bursts (one at a time under MPS, all of them and the unit's time when time-sliced), prefill's
+bursts (one at a time, beside the unit's summed per-pod time when time-sliced), prefill's
 typical load beside the decode pods' MPS caps, burst-provisioned replicas kept apart, units a
 pod would leave closed, and the SLO check. Each is one vectorized pass over the (K, rows)
 arrays, row-local (row_cache.py relies on that). docs/policies.md states them."""
@@ -45,18 +45,23 @@ def one_burst_fits(
     r: int,
 ) -> np.ndarray:
     """Units where a burst still fits (docs/policies.md "one burst at a time"). At most one of
-    an MPS unit's burst-provisioned pods bursts at a time (bursts of different workloads are
-    rare and independent): while it does, the others run at their typical load (`y`, the
-    summed SMs with the new pod's), and the largest burst must still fit. Time-sliced units
-    run no two pods' kernels at once, so every burst there counts, and the unit's resource is
-    its time: a decode pod holds it for its bandwidth-bound kernels however few SMs it
-    declares, so the bursts must fit beside max(summed sm, summed bw), a lower bound of the
-    summed per-pod time. Under MPS the decode caps' share is typical_load_served's."""
+    a unit's burst-provisioned pods bursts at a time (bursts of different workloads are rare
+    and independent): while it does, the others run at their typical load and the largest
+    burst must still fit beside it. Under MPS that load is the summed SMs with the new pod's
+    (`y`; the decode caps' share is typical_load_served's). A time-sliced unit never runs two
+    pods' kernels at once, so its resource is time, and each pod holds the larger of its SM
+    and bandwidth share of it: a decode pod holds the GPU for its bandwidth-bound kernels
+    however few SMs it declares, and a prefill pod for its compute. So there the bursts must
+    fit beside the summed per-pod times (never below the summed SMs or bandwidth, which may
+    come from telemetry)."""
     sel = slice(None, r) if cols is None else cols
     mps = view.mps[:, sel]
-    b_new = np.take(table.burst, tid, mode="clip")
-    need = np.where(mps, np.maximum(view.burst_sm[:, sel], b_new), view.burst_sum[:, sel] + b_new)
-    return np.less_equal(need + np.where(mps, y, np.maximum(y, x)), bound)
+    need = np.maximum(view.burst_sm[:, sel], np.take(table.burst, tid, mode="clip"))
+    if mps.all():
+        return np.less_equal(need + y, bound)
+    own = np.maximum(np.take(table.sm, tid, mode="clip"), np.take(table.bw, tid, mode="clip"))
+    held = np.maximum(np.maximum(x, y), view.time_sum[:, sel] + own)
+    return np.less_equal(need + np.where(mps, y, held), bound)
 
 
 def typical_load_served(

@@ -7,14 +7,17 @@ At every step of a run the recorder reads nested levels, in GPUs:
     P   the packing bound: W, never below the memory bin bound of
         the pods then holding memory (pods cannot be split)          -> whole pods (memory)
     D1  the declared demand of READY pods, per unit the binding
-        dimension of the summed demands clamped at the unit          -> over-provisioning
+        dimension of the summed demands clamped at the unit (time-
+        sliced: at least the summed per-pod max(sm, bw), as kernels
+        take turns)                                                  -> over-provisioning
     D2  D1 with the pods STARTING (model load) or DRAINING (scaled
         down, or evicted and being replaced)                         -> start/drain
     B   D2 with the SMs each unit keeps for its prefill bursts: a
         burst-provisioned pod declares its typical SMs and bursts to
         what its provisioned load needs; the extender keeps room for
-        the largest burst per MPS unit, every burst on a time-sliced
-        one (docs/policies.md "one burst at a time")                 -> burst reserve
+        the largest burst per unit, above the declared SMs (MPS) or
+        the summed times (time-sliced; docs/policies.md "one burst
+        at a time")                                                  -> burst reserve
     M   B plus the rest of every unit in use whose free memory is
         below the smallest pod then bound (no pod could use it)     -> memory-stranded
     N   GPUs in use (any unit holds a pod)                           -> fragmentation
@@ -217,10 +220,10 @@ class GapRecorder:
 
     def _need(self, mask: np.ndarray) -> tuple[float, float, float]:
         """GPUs the masked pods' declared demand holds (per unit and dimension the sum clamped
-        at the unit, the binding dimension, summed over units); the GPUs their bursts keep
-        above that (the largest burst per MPS unit, their sum on a time-sliced one, over the
-        declared SMs, clamped at the unit); the GPUs left on units whose free memory no one of
-        these pods would fit in."""
+        at the unit, the binding dimension, on a time-sliced unit at least the summed per-pod
+        times, summed over units); the GPUs their bursts keep above that (the largest burst
+        per unit over the declared SMs, or times, clamped at the unit); the GPUs left on units
+        whose free memory no one of these pods would fit in."""
         u = self.pod_unit[mask]
         if len(u) == 0:
             return 0.0, 0.0, 0.0
@@ -231,11 +234,14 @@ class GapRecorder:
         free_mem = self.unit_mem - per[:, 2]
         per[:, 2] /= self.unit_mem
         held = (np.minimum(per, 1.0) * self.to_gpu).max(axis=1)
-        b = self.pod_burst[mask]
+        # time-sliced: kernels take turns, each pod holds the larger of its SM and bandwidth
+        time = np.bincount(u, weights=d[:, :2].max(axis=1), minlength=self.n_units)
+        ts = ~self.unit_mps
+        held[ts] = np.maximum(held[ts], np.minimum(time[ts], 1.0) * self.to_gpu[ts, 0])
         top = np.zeros(self.n_units)
-        np.maximum.at(top, u, b)
-        burst = np.where(self.unit_mps, top, np.bincount(u, weights=b, minlength=self.n_units))
-        with_burst = np.maximum(held, np.minimum(per[:, 0] + burst, 1.0) * self.to_gpu[:, 0])
+        np.maximum.at(top, u, self.pod_burst[mask])
+        base = np.where(self.unit_mps, per[:, 0], time)
+        with_burst = np.maximum(held, np.minimum(base + top, 1.0) * self.to_gpu[:, 0])
         in_use = np.bincount(u, minlength=self.n_units) > 0
         full = in_use & (free_mem < d[:, 2].min())
         left = self.to_gpu.max(axis=1) - with_burst

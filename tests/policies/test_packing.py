@@ -91,10 +91,16 @@ def test_typical_demands_share_a_unit_while_one_burst_fits(demand_model: DemandM
     assert no.chosen is None and "over SM capacity" in no.failed_nodes["a"]
     # the baselines do not read typical-vs-provisioned demand
     assert decide(v, heavy, None, NOW, PolicyConfig(policy="binpack"), demand_model).chosen
-    # one burst at a time needs MPS: on a time-sliced GPU every burst counts at once
+    # time-sliced, one burst at a time too: the burst fits beside the others' typical times
+    # (0.2 + 0.2 + 0.55), not beside every burst at once (0.2 + 0.2 + 0.55 + ~0.3)
     v.set_node("ts", [whole_gpu("ts", 0)], mps=False)
     put(v, demand_model, bursty("p1", 0.2, 10.0, group="ns/app=z"), "GPU-ts-0")
     mid = bursty("q2", 0.2, 10.0 * 0.75 / burst_sm, group="ns/app=y")
+    d = decide(v, mid, None, NOW, cfg, demand_model)
+    assert d.scores.keys() == {"a", "ts"}, d.explain()
+    # a decode pod there holds its bandwidth's time, which its few SMs do not show
+    dec = PodRequest("ns", "d", role="decode", demand=DemandOverride(0.02, 0.3, 20 * GiB))
+    v.place(dec.key, "GPU-ts-0", Demand(0.02, 0.3, 20 * GiB), NOW - 60, "decode", 20, dec)
     d = decide(v, mid, None, NOW, cfg, demand_model)
     assert d.scores.keys() == {"a"} and "over SM capacity" in d.failed_nodes["ts"], d.explain()
 
@@ -124,6 +130,43 @@ def test_time_sliced_burst_waits_for_decode_kernels(demand_model: DemandModel) -
     v.unplace("ns/d3")
     d = decide(v, p, ["ts"], NOW, PolicyConfig(), demand_model)
     assert d.chosen == ("ts", "GPU-ts-0"), d.explain()
+
+
+def test_time_sliced_pods_hold_the_sum_of_their_times(demand_model: DemandModel) -> None:
+    """Time-sliced, kernels take turns: a steady prefill pod (0.6 of the SMs) and a decode pod
+    (0.6 of the bandwidth) want 1.2 of the GPU's time, though neither sum (SMs 0.62,
+    bandwidth 0.65) is over it. Under MPS their kernels overlap and they share."""
+    v = ClusterView()
+    v.set_node("mps", [whole_gpu("mps", 0, product=H200)], mps=True)
+    v.set_node("ts", [whole_gpu("ts", 0, product=H200)], mps=False)
+    for i, uuid in enumerate(("GPU-mps-0", "GPU-ts-0")):
+        dec = PodRequest("ns", f"d{i}", role="decode", demand=DemandOverride(0.02, 0.6, 30 * GiB))
+        v.place(dec.key, uuid, Demand(0.02, 0.6, 30 * GiB), NOW - 60, "decode", 20, dec)
+    assert not v.has_burst_pods()  # the rule holds without any burst in the cluster
+    steady = PodRequest("ns", "p", role="prefill", demand=DemandOverride(0.6, 0.05, 20 * GiB))
+    d = decide(v, steady, None, NOW, BEST_FIT, demand_model)
+    assert d.scores.keys() == {"mps"}, d.explain()
+    assert "over SM capacity" in d.failed_nodes["ts"], d.failed_nodes
+    light = PodRequest("ns", "q", role="prefill", demand=DemandOverride(0.3, 0.05, 20 * GiB))
+    assert decide(v, light, None, NOW, BEST_FIT, demand_model).scores.keys() == {"mps", "ts"}
+
+
+def test_an_idle_time_sliced_gpu_opens_after_an_idle_mps_gpu(demand_model: DemandModel) -> None:
+    """Time-sliced GPUs take fewer neighbours (their times add up): the pod that opens a GPU
+    goes where the pods that follow can still join it, unless only a time-sliced one is left."""
+    v = ClusterView()
+    v.set_node("ts", [whole_gpu("ts", 0, product=H200)], mps=False)
+    v.set_node("mps", [whole_gpu("mps", 0, product=H200)], mps=True)
+    p = PodRequest("ns", "p", role="prefill", demand=DemandOverride(0.4, 0.05, 20 * GiB))
+    d = decide(v, p, None, NOW, PolicyConfig(), demand_model)
+    assert d.chosen == ("mps", "GPU-mps-0"), d.explain()
+    assert d.scores["mps"] > d.scores["ts"]
+    # a smaller MPS GPU (H100, 80 of 141 GiB) still opens first; a time-sliced one is chosen
+    # when it is the only one left
+    v.set_node("mps", [whole_gpu("mps", 0)], mps=True)
+    assert decide(v, p, None, NOW, PolicyConfig(), demand_model).chosen == ("mps", "GPU-mps-0")
+    v.set_unit_health("GPU-mps-0", False)
+    assert decide(v, p, None, NOW, PolicyConfig(), demand_model).chosen == ("ts", "GPU-ts-0")
 
 
 def test_replicas_of_one_workload_never_share_a_unit(demand_model: DemandModel) -> None:

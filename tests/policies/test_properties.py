@@ -64,7 +64,10 @@ config_spec = st.builds(
 )
 
 
-def build(cluster: list[list[UnitSpec]], units_per_row: int = 4) -> ClusterView:
+def build(
+    cluster: list[list[UnitSpec]], units_per_row: int = 4, mps: frozenset[int] = frozenset()
+) -> ClusterView:
+    """The nodes numbered in `mps` run MPS, the others are time-sliced (no MPS label)."""
     v = ClusterView(capacity=8, units_per_row=units_per_row)
     for n, units in enumerate(cluster):
         name = f"node-{n}"
@@ -75,7 +78,7 @@ def build(cluster: list[list[UnitSpec]], units_per_row: int = 4) -> ClusterView:
             else:
                 mu = mig_unit(name, i, 0, u.profile)
                 inv.append(mu.model_copy(update={"healthy": u.healthy}))
-        v.set_node(name, inv)
+        v.set_node(name, inv, mps=n in mps)
         for iu, u in zip(inv, units, strict=True):
             for k, (sm, bw, mf) in enumerate(u.pods):
                 v.place(
@@ -121,6 +124,8 @@ def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tup
             gpu_pods[g] = gpu_pods.get(g, 0) + v.unit_load(uuid, NOW, cfg.stale_after_s)["pods"]
             gpu_mem[g] = gpu_mem.get(g, 0.0) + float(v.unit(uuid).memory_bytes)
     largest = max(gpu_mem.values(), default=1.0)
+    # idle time-sliced GPUs open after idle MPS ones where the cluster has both
+    mixed = len({v.node_mps(n) for n in v.node_names if v.units_of(n)}) == 2
     for name in v.node_names:
         uuids = v.units_of(name)
         free = total = 0
@@ -147,6 +152,11 @@ def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tup
             over = d.sm > bound or d.bw > bound or lsm + d.sm > bound or lbw + d.bw > bound
             if cfg.policy != "binpack" and over:
                 continue
+            ts = not v.node_mps(name)
+            if cfg.policy == "complementary" and ts:  # kernels take turns: times add up
+                held = sum(max(p.demand.sm, p.demand.bw) for p in v.iter_pods() if p.uuid == uuid)
+                if held + max(d.sm, d.bw) > bound:
+                    continue
             if cfg.policy == "complementary":
                 r1, r2, r3 = 1 - (lsm + d.sm), 1 - (lbw + d.bw), 1 - (lmem + d.mem_bytes) / cap
                 stranded = r1 * r1 + r2 * r2
@@ -156,7 +166,7 @@ def reference(v: ClusterView, r: PodRequest, cfg: PolicyConfig) -> dict[str, tup
                 h2 = stranded + r3 * r3
                 g = (name, v.unit(uuid).index)
                 if cfg.consolidate and gpu_pods[g] == 0:  # after every GPU in use; largest first
-                    s = -(32.0 + 1.0 - gpu_mem[g] / largest + 0.1 * h2)
+                    s = -(32.0 + 1.0 - gpu_mem[g] / largest + 0.1 * h2 + 0.5 * (ts and mixed))
                 else:
                     s = -h2
             elif cfg.policy == "binpack":
@@ -188,9 +198,9 @@ def shown(score: float, cfg: PolicyConfig) -> float:
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
-@given(cluster=cluster_spec, pod=pod_spec, cfg=config_spec)
-def test_matches_reference_and_respects_bounds(cluster, pod, cfg) -> None:
-    v = build(cluster)
+@given(cluster=cluster_spec, pod=pod_spec, cfg=config_spec, mps=st.frozensets(st.integers(0, 5)))
+def test_matches_reference_and_respects_bounds(cluster, pod, cfg, mps) -> None:
+    v = build(cluster, mps=mps)
     r = request(pod)
     d = decide(v, r, v.node_names, NOW, cfg, DM)
     ref = reference(v, r, cfg)

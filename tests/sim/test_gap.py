@@ -19,8 +19,9 @@ from sim.gap import CAUSES, GapRecorder, attribute, nested_levels
 from sim.perf import PerfTables
 from sim.results import PodRecord
 from sim.run import run_policy
-from sim.scenario import ClusterSpec
+from sim.scenario import ClusterSpec, parse_scenario
 from sim.workload import build_workload
+from tests.sim.conftest import small_raw
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -43,12 +44,16 @@ def test_causes_sum_to_the_runs_excess_exactly(small, policy):
     assert sum(g.binding.values()) == pytest.approx(1.0)
 
 
-def test_dedicated_loses_more_to_fragmentation_than_complementary(small):
-    """One pod per GPU leaves most of each GPU idle; packing fills it."""
-    wl = build_workload(small)
-    ded = run_policy(small, "dedicated", wl).gap
-    com = run_policy(small, "complementary", wl).gap
-    assert ded.causes["fragmentation"] > com.causes["fragmentation"]
+def test_dedicated_loses_more_to_fragmentation_than_complementary():
+    """One pod per GPU leaves most of each GPU idle; packing fills it. The small scenario's
+    H200s run MPS here: time-sliced, its pods' times add up and they barely share."""
+    raw = small_raw()
+    raw["cluster"]["pools"][1]["sharing"] = "mps"
+    scn = parse_scenario(raw, "small-mps")
+    wl = build_workload(scn)
+    ded = run_policy(scn, "dedicated", wl).gap
+    com = run_policy(scn, "complementary", wl).gap
+    assert ded.causes["fragmentation"] > 2 * com.causes["fragmentation"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -207,7 +212,7 @@ def test_a_unit_whose_free_memory_fits_no_pod_is_memory_stranded():
 @pytest.mark.parametrize("sharing", ["mps", "time-slicing"])
 def test_room_kept_for_prefill_bursts_is_burst_reserve(sharing):
     """A prefill pod declaring typical SMs below what its provisioned load needs keeps room
-    for its burst: the largest per MPS unit, every one on a time-sliced unit."""
+    for its burst, one burst at a time per unit (the largest), under MPS and time-sliced."""
     s = _Setup(sharing)
     load = "rps=10,prompt=2048,output=64"
     s.pod(0, "sm=0.1,bw=0.05,mem=4Gi", ready_at=0.0, load=load)
@@ -217,8 +222,22 @@ def test_room_kept_for_prefill_bursts_is_burst_reserve(sharing):
     burst = s.rec.pod_burst[0]
     assert s.rec.pod_burst[2] == 0.0
     assert 0.1 < burst < 0.4  # rps=10 of 2k-token prompts: more than the declared 0.1
-    reserve = burst if sharing == "mps" else 2 * burst
+    reserve = burst
     assert g.causes["burst reserve"] == pytest.approx(reserve * 5, rel=1e-6)
     held = 0.2 + 0.9  # unit 0: sm 0.2 declared; unit 1: bw 0.9
     assert g.causes["over-provisioning"] == pytest.approx((held - 1.0) * 5, rel=1e-6)
     assert g.causes["fragmentation"] == pytest.approx((2 - held - reserve) * 5, rel=1e-6)
+
+
+@pytest.mark.parametrize("sharing", ["mps", "time-slicing"])
+def test_a_time_sliced_unit_holds_its_pods_summed_times(sharing):
+    """Kernels overlap under MPS (the unit holds the larger summed dimension, here bandwidth
+    0.55) and take turns time-sliced (each pod its larger dimension: 0.3 + 0.5)."""
+    s = _Setup(sharing)
+    s.pod(0, "sm=0.3,bw=0.05,mem=4Gi", ready_at=0.0)
+    s.pod(0, "sm=0.05,bw=0.5,mem=16Gi", ready_at=0.0)
+    s.pod(1, "sm=0.1,bw=0.9,mem=16Gi", ready_at=0.0)
+    g = s.run(5, used=2, fluid=0.5, packing=1.0)
+    held = (0.55 if sharing == "mps" else 0.8) + 0.9
+    assert g.causes["over-provisioning"] == pytest.approx((held - 1.0) * 5, rel=1e-6)
+    assert g.causes["fragmentation"] == pytest.approx((2 - held) * 5, rel=1e-6)
