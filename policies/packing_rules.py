@@ -7,7 +7,7 @@ arrays, row-local (row_cache.py relies on that). docs/policies.md states them.""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -16,9 +16,7 @@ from policies.config import PolicyConfig
 from policies.contention import slowdown_factor
 from policies.model import PodRequest
 from policies.share import sm_share_fraction
-
-if TYPE_CHECKING:
-    from policies.decision import TypeTable
+from policies.type_table import TypeTable
 
 EPS = 1e-9
 

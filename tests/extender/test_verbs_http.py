@@ -106,16 +106,30 @@ def test_pod_without_copack_gpu_passes_through(cluster, api) -> None:
     assert scores == [{"Host": n, "Score": 0} for n in names]
 
 
-def _decode_and_prefill_neighbours(make_served, api):
+def _decode_and_prefill_neighbours(make_served, api, sharing: str = "mps"):
     """Three one-GPU nodes: `dec` holds a decode pod, `pre` a prefill pod, `empty` nothing."""
     state, srv = make_served(PolicyConfig(policy="complementary"))
     for n in ("dec", "empty", "pre"):
-        state.upsert_node(api.node(gpu_node(n, gpu_units(n, 1))))
+        labels = {"copack.io/sharing": sharing}
+        state.upsert_node(api.node(gpu_node(n, gpu_units(n, 1), labels=labels)))
     _bound(api, state, "decode-0", "dec", "GPU-dec-0", role="decode",
            demand="sm=0.2,bw=0.6,mem=20Gi")
     _bound(api, state, "prefill-0", "pre", "GPU-pre-0", role="prefill",
            demand="sm=0.6,bw=0.2,mem=20Gi")
     return state, srv
+
+
+def test_time_sliced_neighbours_take_turns(make_served, api) -> None:
+    """Without MPS the decode pod holds 0.6 of the GPU's time for its bandwidth-bound kernels:
+    a prefill pod wanting 0.6 of its SMs does not fit beside it (1.2 of the time)."""
+    _, srv = _decode_and_prefill_neighbours(make_served, api, sharing="time-slicing")
+    pod = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
+    f = srv.post("filter", extender_args(pod, ["dec", "empty", "pre"])).json()
+    assert f["NodeNames"] == ["empty"]
+    assert "over SM capacity" in f["FailedNodes"]["dec"]
+    light = api.pod(copack_pod("prefill-2", role="prefill", demand="sm=0.3,bw=0.1,mem=20Gi"))
+    f = srv.post("filter", extender_args(light, ["dec", "empty", "pre"])).json()
+    assert f["NodeNames"] == ["dec", "empty", "pre"]  # 0.6 + 0.3 of the time on `dec`
 
 
 def test_prioritize_prefers_complementary_neighbour(make_served, api) -> None:
