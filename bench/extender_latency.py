@@ -60,7 +60,8 @@ def _node(i: int) -> dict[str, Any]:
     return {
         "metadata": {
             "name": name,
-            "labels": {"kubernetes.io/hostname": name},
+            # MPS nodes, as the bound pods' sm-share caps say (time-sliced, fewer pairs fit)
+            "labels": {"kubernetes.io/hostname": name, "copack.io/sharing": "mps"},
             "annotations": {"copack.io/inventory": Inventory(units=units).to_annotation(),
                             "copack.io/agent": f"10.0.{i // 250}.{i % 250}:50051"},
         },

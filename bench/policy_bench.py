@@ -77,7 +77,7 @@ def build(nodes: int, seed: int = 7) -> tuple[ClusterView, list[str], DemandMode
                         )
                     )
         assert len(units) == 8
-        view.set_node(name, units)
+        view.set_node(name, units, mps=True)
         for u in units:
             ut = UnitType(u.product, u.mig_profile)
             for k in range(2):
