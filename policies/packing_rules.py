@@ -16,9 +16,7 @@ from policies.config import PolicyConfig
 from policies.contention import slowdown_factor
 from policies.model import PodRequest
 from policies.share import sm_share_fraction
-from policies.type_table import TypeTable
-
-EPS = 1e-9
+from policies.type_table import EPS, TypeTable
 
 
 def policy_is_burst_aware(config: PolicyConfig) -> bool:

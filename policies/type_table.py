@@ -14,7 +14,7 @@ from policies.cluster_view import burst_headroom
 from policies.config import PolicyConfig
 from policies.model import Demand, PodRequest, Timing, UnitType
 
-_EPS = 1e-9
+EPS = 1e-9  # slack of every feasibility comparison (decide(), the packing rules)
 
 
 class DemandModelLike(Protocol):
@@ -85,7 +85,7 @@ def build_type_table(
         z(), z(), z(), np.zeros(k, dtype=bool), [""] * k, z(), z(), z(), z(), z(), z(),
         [None] * k, [None] * k, z(),
     )  # fmt: skip
-    bound = 1.0 + config.overcommit + _EPS
+    bound = 1.0 + config.overcommit + EPS
     for i, t in enumerate(types):
         try:
             d = dm.demand(request, t)
