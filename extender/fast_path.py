@@ -105,7 +105,7 @@ class VerbFastPath:
             if verb == "bind":
                 bargs = parse_binding_args(raw)
             else:
-                args = parse_extender_args(raw)
+                args = parse_extender_args(raw, self.scheduler.names)
             if (busy := self.not_ready()) is not None:
                 await _answer(send, 503, busy)
                 return

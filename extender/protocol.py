@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from extender.name_lists import NameListCache, split_names
+
 MAX_EXTENDER_PRIORITY = 10  # k8s.io/kube-scheduler/extender/v1.MaxExtenderPriority
 
 
@@ -88,8 +90,28 @@ def _pod_identity(pod: Any) -> tuple[str, str, str]:
     return ns, name, uid
 
 
-def parse_extender_args(body: bytes) -> ExtenderArgs:
-    data = _loads(body)
+def parse_extender_args(body: bytes, names: NameListCache | None = None) -> ExtenderArgs:
+    """ExtenderArgs from the request body; with `names`, a NodeNames array seen recently is
+    taken from it instead of decoded (extender/name_lists.py)."""
+    cut = split_names(body) if names is not None else None
+    if cut is not None:
+        rest, raw = cut
+        try:
+            head = orjson.loads(rest)
+        except orjson.JSONDecodeError:
+            head = None  # the ordinary parse below says what is wrong
+        if isinstance(head, dict) and "NodeNames" in head and head["NodeNames"] is None:
+            known = names.get(raw)
+            if known is not None:
+                ns, name, uid = _pod_identity(head.get("Pod"))
+                return ExtenderArgs(head["Pod"], ns, name, uid, known, None)
+            args = _parse_data(_loads(body))
+            names.put(raw, args.node_names)  # the cut is the top-level array: remember it
+            return args
+    return _parse_data(_loads(body))
+
+
+def _parse_data(data: dict[str, Any]) -> ExtenderArgs:
     ns, name, uid = _pod_identity(data.get("Pod"))
     raw_names = data.get("NodeNames")
     raw_nodes = data.get("Nodes")
@@ -152,8 +174,17 @@ def filter_result(
     failed: dict[str, str],
     unresolvable: dict[str, str] | None = None,
     error: str = "",
+    names_json: bytes | None = None,
 ) -> bytes:
-    """ExtenderFilterResult in the mode the request came in (NodeNames or Nodes)."""
+    """ExtenderFilterResult in the mode the request came in (NodeNames or Nodes).
+    `names_json`: `feasible` already encoded (the caller keeps those bytes), spliced in."""
+    if names_json is not None and args.nodes is None:
+        return b"".join((
+            b'{"Nodes":null,"NodeNames":', names_json,
+            b',"FailedNodes":', orjson.dumps(failed),
+            b',"FailedAndUnresolvableNodes":', orjson.dumps(unresolvable or {}),
+            b',"Error":', orjson.dumps(error), b"}",
+        ))
     result: dict[str, Any] = {
         "Nodes": None,
         "NodeNames": None,

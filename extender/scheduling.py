@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 
 from extender.binder import AlreadyBound, Binder, BindError, BindUncertain
+from extender.name_lists import NameListCache
 from extender.protocol import (
     MAX_EXTENDER_PRIORITY,
     BindingArgs,
@@ -65,6 +66,7 @@ class Scheduler:
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self._entries: dict[str, tuple[bytes, ...]] = {}
         self._rows_table: tuple[int, np.ndarray] | None = None
+        self.names = NameListCache()  # NodeNames arrays by their bytes (filter's answers too)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -171,7 +173,12 @@ class Scheduler:
                  "chosen": list(chosen) if chosen else None,
                  "failed_sample": dict(islice(chain(never.items(), failed.items()), 20))},
             )
-        return filter_result(args, feasible, failed, never), (
+        names_json = None
+        if args.nodes is None and len(feasible) > 1:
+            # prioritize will send these names back: know them by their bytes
+            names_json = orjson.dumps(feasible)
+            self.names.put(names_json, feasible)
+        return filter_result(args, feasible, failed, never, names_json=names_json), (
             "feasible" if feasible else "unschedulable"
         )
 
