@@ -164,6 +164,7 @@ class Decision:
         code = fz.reason_codes(
             m["healthy"], m["type_bad"], neg(m["empty"]), neg(m["has_room"]), neg(m["fits_mem"]),
             neg(m["fits_sm"]), neg(m["fits_bw"]), m["slo_bad"], m["correlated"],
+            m["time_bad"], m["burst_bad"],
         )  # fmt: skip
         code[~m["active"]] = fz.OK
         return code

@@ -165,7 +165,7 @@ def evaluate_rows(
     if config.exclusive:
         empty = np.equal(npods, 0)
         ok &= empty
-    fits_sm = fits_bw = slo_bad = None
+    fits_sm = fits_bw = slo_bad = time_bad = burst_bad = None
     correlated = rules.correlated_units(view, request, table, config, tid.shape, cols)
     if correlated is not None:
         ok &= ~correlated
@@ -176,7 +176,11 @@ def evaluate_rows(
         if rules.policy_is_burst_aware(config) and (
             table.burst.any() or view.has_burst_pods() or view.has_time_sliced()
         ):
-            fits_sm &= rules.one_burst_fits(view, table, tid, x, y, bound, cols, r)
+            turn_bad = ~rules.one_burst_fits(view, table, tid, x, y, bound, cols, r)
+            turn_bad &= fits_sm  # plain SM capacity is the reason where it fails too
+            ok &= ~turn_bad
+            mps = view.mps[:, slice(None, r) if cols is None else cols]
+            time_bad, burst_bad = turn_bad & ~mps, turn_bad & mps
         if rules.policy_is_burst_aware(config):
             fits_sm &= rules.typical_load_served(
                 view, request, table, tid, dsm, lsm, config, cols, r
@@ -261,6 +265,8 @@ def evaluate_rows(
         "fits_bw": fits_bw,
         "slo_bad": slo_bad,
         "correlated": correlated,
+        "time_bad": time_bad,
+        "burst_bad": burst_bad,
     }
     return RowEval(masks, stale, row_best, best_j, node_val)
 

@@ -17,6 +17,8 @@ SM = 6
 BW = 7
 SLO_NEIGHBOURS = 8  # co-location would break the SLO of the pod or of pods already there
 CORRELATED = 9  # a bursty replica of the same workload is there: their bursts coincide
+TIME = 10  # time-sliced: the pods' summed kernel time (and the largest burst) over the unit
+BURST = 11  # MPS: the largest burst no longer fits beside the others' load
 
 REASONS: dict[int, str] = {
     UNHEALTHY: "unhealthy",
@@ -28,8 +30,10 @@ REASONS: dict[int, str] = {
     BW: "over bandwidth capacity",
     SLO_NEIGHBOURS: "would break an SLO",
     CORRELATED: "holds a replica of the same workload (bursts coincide)",
+    TIME: "over GPU time (time-sliced: pods take turns)",
+    BURST: "no SM room left for a burst",
 }
-N_REASONS = 10
+N_REASONS = 12
 
 
 def reason_codes(
@@ -42,12 +46,16 @@ def reason_codes(
     bw_over: np.ndarray | None,
     slo_bad: np.ndarray | None,
     correlated: np.ndarray | None = None,
+    time_bad: np.ndarray | None = None,
+    burst_bad: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-unit reason code (0 = feasible), highest-precedence reason wins."""
     code = np.zeros(healthy.shape, dtype=np.int8)
     for mask, value in (
         (correlated, CORRELATED),
         (slo_bad, SLO_NEIGHBOURS),
+        (burst_bad, BURST),
+        (time_bad, TIME),
         (bw_over, BW),
         (sm_over, SM),
         (mem_over, MEMORY),

@@ -126,7 +126,7 @@ def test_time_sliced_neighbours_take_turns(make_served, api) -> None:
     pod = api.pod(copack_pod("prefill-1", role="prefill", demand="sm=0.6,bw=0.2,mem=20Gi"))
     f = srv.post("filter", extender_args(pod, ["dec", "empty", "pre"])).json()
     assert f["NodeNames"] == ["empty"]
-    assert "over SM capacity" in f["FailedNodes"]["dec"]
+    assert "over GPU time" in f["FailedNodes"]["dec"]
     light = api.pod(copack_pod("prefill-2", role="prefill", demand="sm=0.3,bw=0.1,mem=20Gi"))
     f = srv.post("filter", extender_args(light, ["dec", "empty", "pre"])).json()
     assert f["NodeNames"] == ["dec", "empty", "pre"]  # 0.6 + 0.3 of the time on `dec`

@@ -88,7 +88,7 @@ def test_typical_demands_share_a_unit_while_one_burst_fits(demand_model: DemandM
     # a pod whose own burst does not fit beside the other's typical load is refused
     heavy = bursty("q1", 0.2, 10.0 * 0.95 / burst_sm, group="ns/app=y")
     no = decide(v, heavy, None, NOW, cfg, demand_model)
-    assert no.chosen is None and "over SM capacity" in no.failed_nodes["a"]
+    assert no.chosen is None and "no SM room left for a burst" in no.failed_nodes["a"]
     # the baselines do not read typical-vs-provisioned demand
     assert decide(v, heavy, None, NOW, PolicyConfig(policy="binpack"), demand_model).chosen
     # time-sliced, one burst at a time too: the burst fits beside the others' typical times
@@ -102,7 +102,7 @@ def test_typical_demands_share_a_unit_while_one_burst_fits(demand_model: DemandM
     dec = PodRequest("ns", "d", role="decode", demand=DemandOverride(0.02, 0.3, 20 * GiB))
     v.place(dec.key, "GPU-ts-0", Demand(0.02, 0.3, 20 * GiB), NOW - 60, "decode", 20, dec)
     d = decide(v, mid, None, NOW, cfg, demand_model)
-    assert d.scores.keys() == {"a"} and "over SM capacity" in d.failed_nodes["ts"], d.explain()
+    assert d.scores.keys() == {"a"} and "over GPU time" in d.failed_nodes["ts"], d.explain()
 
 
 def test_time_sliced_burst_waits_for_decode_kernels(demand_model: DemandModel) -> None:
@@ -125,7 +125,7 @@ def test_time_sliced_burst_waits_for_decode_kernels(demand_model: DemandModel) -
     assert 0.15 + (burst - 0.15) + 0.70 > 1.0 > 0.15 + (burst - 0.15) + 0.04
     d = decide(v, p, None, NOW, PolicyConfig(consolidate=False), demand_model)
     assert d.chosen == ("mps", "GPU-mps-0"), d.explain()
-    assert "over SM capacity" in d.failed_nodes["ts"], d.failed_nodes
+    assert "over GPU time" in d.failed_nodes["ts"], d.failed_nodes
     # one decode pod's bandwidth leaves the burst room on the time-sliced GPU too
     v.unplace("ns/d3")
     d = decide(v, p, ["ts"], NOW, PolicyConfig(), demand_model)
@@ -146,7 +146,7 @@ def test_time_sliced_pods_hold_the_sum_of_their_times(demand_model: DemandModel)
     steady = PodRequest("ns", "p", role="prefill", demand=DemandOverride(0.6, 0.05, 20 * GiB))
     d = decide(v, steady, None, NOW, BEST_FIT, demand_model)
     assert d.scores.keys() == {"mps"}, d.explain()
-    assert "over SM capacity" in d.failed_nodes["ts"], d.failed_nodes
+    assert "over GPU time" in d.failed_nodes["ts"], d.failed_nodes
     light = PodRequest("ns", "q", role="prefill", demand=DemandOverride(0.3, 0.05, 20 * GiB))
     assert decide(v, light, None, NOW, BEST_FIT, demand_model).scores.keys() == {"mps", "ts"}
 
