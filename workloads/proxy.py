@@ -10,6 +10,11 @@ Failures never leave a client hanging: every upstream step has a timeout, a back
 fails or times out gives a JSON 502 or 504 naming it, and a stream cut off midway ends with an
 SSE error event. A backend's own 4xx (a prompt too long, a bad parameter) is passed through:
 that is the client's error, not the gateway's.
+
+This module wires the app (ASGI dispatch, FastAPI endpoints, lifespan). The parts live in
+`proxy_config` (ProxyConfig), `proxy_flow` (the prefill/decode hot path), `proxy_relay` (the
+streamed answer), `proxy_errors` (error answers) and `proxy_metrics` (Prometheus series);
+their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,36 +22,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
-import httpcore
 import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from workloads.balancer import Backend, BackendPool, NoBackendError
-from workloads.upstream import (
-    UPSTREAM_ERRORS,
-    Upstream,
-    UpstreamError,
-    content_type,
-    upstream_error,
-)
+from workloads.balancer import BackendPool, NoBackendError
+from workloads.proxy_config import ProxyConfig as ProxyConfig
+from workloads.proxy_errors import ProxyError as ProxyError
+from workloads.proxy_errors import UpstreamClientError as UpstreamClientError
+from workloads.proxy_errors import _describe as _describe
+from workloads.proxy_errors import _error_response as _error_response
+from workloads.proxy_errors import _snippet as _snippet
+from workloads.proxy_errors import _waited as _waited
+from workloads.proxy_flow import PDFlow
+from workloads.proxy_flow import prefill_request as prefill_request
+from workloads.proxy_metrics import _LATENCY_BUCKETS as _LATENCY_BUCKETS
+from workloads.proxy_metrics import ProxyMetrics as ProxyMetrics
+from workloads.proxy_metrics import _StreamStats as _StreamStats
+from workloads.proxy_relay import RelayResponse as RelayResponse
+from workloads.proxy_relay import _wait_disconnect as _wait_disconnect
+from workloads.upstream import Upstream
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -55,170 +56,8 @@ FORWARDED_HEADERS = ("authorization", "x-request-id")
 
 log = logging.getLogger("copack.proxy")
 
-# Latency buckets from 1 ms to 2 min: TTFT of a loaded server, TPOT of a fast one.
-_LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
-)  # fmt: skip
 
-
-@dataclass
-class ProxyConfig:
-    """Backends and timeouts. Timeouts bound each upstream step so no client waits forever."""
-
-    prefill: list[str] = field(default_factory=list)
-    decode: list[str] = field(default_factory=list)
-    connect_timeout_s: float = 5.0
-    prefill_timeout_s: float = 300.0  # a whole prefill answer (long prompts on a busy server)
-    decode_timeout_s: float = 300.0  # until decode's first byte, and between streamed chunks
-    cooldown_s: float = 5.0
-    max_connections: int = 1024
-
-
-class ProxyMetrics:
-    """Prometheus series of the proxy, in a registry of its own (several apps per process)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "copack_proxy_requests",
-            "Requests answered by the proxy, by endpoint and HTTP status",
-            ["endpoint", "status"],
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "copack_proxy_ttft_seconds",
-            "Time from the request's arrival to the first byte of a streamed answer",
-            ["backend"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.tpot = Histogram(
-            "copack_proxy_tpot_seconds",
-            "Mean time between output tokens of a streamed answer",
-            ["backend"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "copack_proxy_request_duration_seconds",
-            "Time from the request's arrival to the end of its answer",
-            ["endpoint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.prefill = Histogram(
-            "copack_proxy_prefill_seconds",
-            "Duration of the prefill step on a prefill backend",
-            ["backend"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.backend_errors = Counter(
-            "copack_proxy_backend_errors",
-            "Failed calls to a backend, by kind (connect, timeout, http_5xx, protocol, stream)",
-            ["backend", "role", "kind"],
-            registry=r,
-        )
-        self.outstanding = Gauge(
-            "copack_proxy_backend_outstanding_requests",
-            "Requests in flight on a backend",
-            ["backend", "role"],
-            registry=r,
-        )
-
-
-class ProxyError(Exception):
-    """An upstream failure turned into a JSON error answer."""
-
-    def __init__(self, status: int, message: str, *, backend: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.backend = backend
-
-    def body(self) -> bytes:
-        kind = {502: "bad_gateway", 503: "service_unavailable", 504: "gateway_timeout"}.get(
-            self.status, "invalid_request_error"
-        )
-        err: dict[str, Any] = {"message": self.message, "type": kind, "code": self.status}
-        if self.backend:
-            err["backend"] = self.backend
-        return orjson.dumps({"error": err})
-
-
-class UpstreamClientError(Exception):
-    """A backend's own 4xx answer, passed through to the client as it came."""
-
-    def __init__(self, status: int, content: bytes, content_type: str) -> None:
-        super().__init__(status)
-        self.status = status
-        self.content = content
-        self.content_type = content_type
-
-
-def _error_response(err: ProxyError) -> Response:
-    return Response(err.body(), status_code=err.status, media_type="application/json")
-
-
-def prefill_request(req: dict[str, Any]) -> dict[str, Any]:
-    """The request as sent to prefill: one token, no streaming, KV kept for a remote decode."""
-    out = dict(req)
-    out["max_tokens"] = 1
-    if "max_completion_tokens" in out:
-        out["max_completion_tokens"] = 1
-    out["stream"] = False
-    out.pop("stream_options", None)
-    out["kv_transfer_params"] = {
-        "do_remote_decode": True,
-        "do_remote_prefill": False,
-        "remote_engine_id": None,
-        "remote_block_ids": None,
-        "remote_host": None,
-        "remote_port": None,
-    }
-    return out
-
-
-class _StreamStats:
-    """Counts the SSE events of a streamed answer to time its tokens without re-encoding it."""
-
-    __slots__ = ("events", "first_at", "tail", "usage_tokens")
-
-    def __init__(self) -> None:
-        self.events = 0
-        self.first_at: float | None = None
-        self.tail = b""
-        self.usage_tokens: int | None = None
-
-    def feed(self, chunk: bytes, now: float) -> None:
-        if self.first_at is None:
-            self.first_at = now
-        data = self.tail + chunk
-        parts = data.split(b"\n\n")
-        self.tail = parts.pop()
-        for event in parts:
-            if not event.startswith(b"data:") or event.startswith(b"data: [DONE]"):
-                continue
-            self.events += 1
-            if b'"usage":{' in event:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    usage = orjson.loads(event[5:]).get("usage") or {}
-                    tokens = usage.get("completion_tokens")
-                    if isinstance(tokens, int):
-                        self.usage_tokens = tokens
-
-    def tpot(self, end: float) -> float | None:
-        """Up to the stream's end, as `copack workload replay` and vLLM's benchmark count it,
-        so the proxy's histogram and a client's report measure the same thing."""
-        tokens = self.usage_tokens if self.usage_tokens is not None else self.events
-        if self.first_at is None or tokens < 2:
-            return None
-        return (end - self.first_at) / (tokens - 1)
-
-
-class PDProxy:
+class PDProxy(PDFlow):
     """Holds the pools, the upstream clients and the metrics; `app` is the ASGI application
     (completions on a hot path, everything else through the FastAPI app `api`)."""
 
@@ -338,14 +177,6 @@ class PDProxy:
             headers["authorization"] = auth
         return headers
 
-    @staticmethod
-    def _raw_headers(request: Request, request_id: str) -> list[tuple[bytes, bytes]]:
-        out = [(b"x-request-id", request_id.encode("latin-1"))]
-        for k, v in request.scope["headers"]:
-            if k == b"authorization":
-                out.append((k, v))
-        return out
-
     async def forward_simple(
         self, request: Request, method: str, path: str, pool: BackendPool
     ) -> Response:
@@ -389,229 +220,6 @@ class PDProxy:
         finally:
             pool.release(backend, ok=ok)
 
-    async def handle(self, request: Request, endpoint: str) -> Response:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await self._handle(request, endpoint, started)
-            status = response.status_code
-            return response
-        except ProxyError as e:
-            status = e.status
-            return _error_response(e)
-        except UpstreamClientError as e:
-            status = e.status
-            return Response(e.content, status_code=e.status, media_type=e.content_type)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-
-    async def _handle(self, request: Request, endpoint: str, started: float) -> Response:
-        raw = await request.body()
-        try:
-            req = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise ProxyError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(req, dict):
-            raise ProxyError(400, "request body must be a JSON object")
-        stream = req.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ProxyError(400, "'stream' must be true or false")
-        request_id = request.headers.get("x-request-id") or f"copack-{uuid.uuid4().hex}"
-        headers = self._raw_headers(request, request_id)
-
-        if len(self.prefill):
-            kv_params = await self._prefill(endpoint, req, headers)
-            if kv_params is not None:
-                req = dict(req)
-                req["kv_transfer_params"] = kv_params
-        return await self._decode(endpoint, req, headers, request_id, stream, started)
-
-    async def _prefill(
-        self, endpoint: str, req: dict[str, Any], headers: list[tuple[bytes, bytes]]
-    ) -> dict[str, Any] | None:
-        """Run the prefill step; a refused connection is retried once on another backend."""
-        assert self.upstream is not None
-        body = orjson.dumps(prefill_request(req))
-        cfg = self.config
-        tried: Backend | None = None
-        for attempt in range(2):
-            try:
-                backend = self.prefill.acquire(exclude=tried)
-            except NoBackendError:
-                if tried is None:
-                    raise ProxyError(503, "no prefill backend available") from None
-                raise ProxyError(
-                    502, "prefill backend refused the connection", backend=tried.url
-                ) from None
-            t0 = time.perf_counter()
-            ok = False
-            try:
-                status, ctype, content = await self.upstream.post(
-                    backend.url,
-                    endpoint,
-                    body,
-                    headers,
-                    connect_s=cfg.connect_timeout_s,
-                    read_s=cfg.prefill_timeout_s,
-                )
-                ok = status < 500
-            except UpstreamError as e:
-                self._backend_error(self.prefill, backend, e.kind, down=e.kind != "timeout")
-                if e.kind == "connect" and attempt == 0 and len(self.prefill) > 1:
-                    tried = backend
-                    continue
-                if e.kind == "timeout":
-                    raise ProxyError(
-                        504,
-                        "prefill backend timed out after "
-                        f"{_waited(e, cfg, cfg.prefill_timeout_s)} ({e})",
-                        backend=backend.url,
-                    ) from None
-                raise ProxyError(502, f"prefill backend failed: {e}", backend=backend.url) from None
-            finally:
-                self.prefill.release(backend, ok=ok)
-            self.metrics.prefill.labels(backend.url).observe(time.perf_counter() - t0)
-            if 400 <= status < 500:
-                raise UpstreamClientError(status, content, ctype.decode("latin-1"))
-            if status >= 500:
-                self.metrics.backend_errors.labels(backend.url, "prefill", "http_5xx").inc()
-                raise ProxyError(
-                    502,
-                    f"prefill backend answered {status}: {_snippet(content)}",
-                    backend=backend.url,
-                )
-            try:
-                answer = orjson.loads(content)
-            except orjson.JSONDecodeError:
-                self.metrics.backend_errors.labels(backend.url, "prefill", "protocol").inc()
-                raise ProxyError(
-                    502, "prefill backend answered with invalid JSON", backend=backend.url
-                ) from None
-            params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-            return params if isinstance(params, dict) else None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _backend_error(
-        self, pool: BackendPool, backend: Backend, kind: str, *, down: bool = False
-    ) -> None:
-        self.metrics.backend_errors.labels(backend.url, backend.role, kind).inc()
-        if down:
-            pool.mark_down(backend)
-
-    async def _decode(
-        self,
-        endpoint: str,
-        req: dict[str, Any],
-        headers: list[tuple[bytes, bytes]],
-        request_id: str,
-        stream: bool,
-        started: float,
-    ) -> Response:
-        assert self.upstream is not None
-        cfg = self.config
-        try:
-            backend = self.decode.acquire()
-        except NoBackendError:
-            raise ProxyError(503, "no decode backend available") from None
-        released = False
-
-        def release(ok: bool) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.decode.release(backend, ok=ok)
-
-        try:
-            upstream = await self.upstream.open(
-                backend.url,
-                endpoint,
-                orjson.dumps(req),
-                headers,
-                connect_s=cfg.connect_timeout_s,
-                read_s=cfg.decode_timeout_s,
-            )
-        except UpstreamError as e:
-            release(False)
-            self._backend_error(self.decode, backend, e.kind, down=e.kind != "timeout")
-            if e.kind == "timeout":
-                raise ProxyError(
-                    504,
-                    f"decode backend timed out after {_waited(e, cfg, cfg.decode_timeout_s)} ({e})",
-                    backend=backend.url,
-                ) from None
-            raise ProxyError(502, f"decode backend failed: {e}", backend=backend.url) from None
-        except BaseException:
-            release(False)
-            raise
-
-        status = upstream.status
-        ctype = content_type(upstream, b"text/event-stream" if stream else b"application/json")
-        if status >= 400 or not stream:
-            ok = False
-            try:
-                content = await upstream.aread()
-                ok = status < 500
-            except UPSTREAM_ERRORS as exc:
-                e = upstream_error(exc)
-                self._backend_error(self.decode, backend, e.kind, down=e.kind != "timeout")
-                code = 504 if e.kind == "timeout" else 502
-                raise ProxyError(code, f"decode backend failed: {e}", backend=backend.url) from None
-            finally:
-                await upstream.aclose()
-                release(ok)
-            if status >= 500:
-                self.metrics.backend_errors.labels(backend.url, "decode", "http_5xx").inc()
-                raise ProxyError(
-                    502,
-                    f"decode backend answered {status}: {_snippet(content)}",
-                    backend=backend.url,
-                )
-            self.metrics.e2e.labels(endpoint).observe(time.perf_counter() - started)
-            return Response(content, status_code=status, media_type=ctype.decode("latin-1"))
-
-        return RelayResponse(
-            self._relay(upstream, backend, release, endpoint, started),
-            [(b"content-type", ctype), (b"x-request-id", request_id.encode("latin-1"))],
-        )
-
-    async def _relay(
-        self,
-        upstream: httpcore.Response,
-        backend: Backend,
-        release: Callable[[bool], None],
-        endpoint: str,
-        started: float,
-    ) -> AsyncIterator[bytes]:
-        """Pass the decode stream through, timing its tokens; a cut stream ends with an error."""
-        stats = _StreamStats()
-        ok = False
-        try:
-            async for chunk in upstream.aiter_stream():
-                if chunk:
-                    stats.feed(chunk, time.perf_counter())
-                    yield chunk
-            ok = True
-        except UPSTREAM_ERRORS as exc:
-            e = upstream_error(exc)
-            kind = "timeout" if e.kind == "timeout" else "stream"
-            self._backend_error(self.decode, backend, kind)
-            err = ProxyError(
-                504 if kind == "timeout" else 502,
-                f"decode stream broke off: {e}",
-                backend=backend.url,
-            )
-            yield b"data: " + err.body() + b"\n\n"
-        finally:
-            await upstream.aclose()
-            release(ok)
-            if stats.first_at is not None:
-                self.metrics.ttft.labels(backend.url).observe(stats.first_at - started)
-            end = time.perf_counter()
-            tpot = stats.tpot(end)
-            if tpot is not None:
-                self.metrics.tpot.labels(backend.url).observe(tpot)
-            self.metrics.e2e.labels(endpoint).observe(end - started)
-
 
 class _HotPathApp:
     """ASGI 3 entry point (a class with async __call__: uvicorn takes a bound method for
@@ -622,52 +230,6 @@ class _HotPathApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.proxy._asgi(scope, receive, send)
-
-
-class RelayResponse:
-    """An ASGI response streaming chunks as they come, with less machinery than Starlette's
-    StreamingResponse: no task group per request, just one waiter on `receive` that notices
-    the client leaving, so the upstream stream is closed and the decode server freed."""
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None], headers: list[tuple[bytes, bytes]]):
-        self.chunks = chunks
-        self.headers = headers
-        self.status_code = 200
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gone = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            async for chunk in self.chunks:
-                if gone.done():
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            gone.cancel()
-            await self.chunks.aclose()
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _waited(e: UpstreamError, cfg: ProxyConfig, read_s: float) -> str:
-    """The limit that ran out: a backend too busy to accept a connection is not a slow answer."""
-    if e.connecting:
-        return f"{cfg.connect_timeout_s:g} s connecting"
-    return f"{read_s:g} s"
-
-
-def _snippet(content: bytes, limit: int = 300) -> str:
-    text = content.decode("utf-8", errors="replace").strip()
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def create_app(config: ProxyConfig) -> ASGIApp:
