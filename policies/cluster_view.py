@@ -11,109 +11,36 @@ Per unit we keep capacity (memory bytes; sm and bw capacity are 1.0 by definitio
 are fractions of the unit), health, the last telemetry sample and its time, the sum of declared
 demands of the pods bound to it, the part of that sum placed too recently to show in the
 telemetry, and the resulting effective load for fresh telemetry (kept current on every event,
-so a decision only has to swap in the declared sums where telemetry went stale)."""
+so a decision only has to swap in the declared sums where telemetry went stale).
+
+The view is split by concern: the array storage is in view_storage.py, the pod records and
+their counters in view_pods.py, telemetry and the effective load in view_load.py; ClusterView
+inherits their mixins and keeps the nodes, units and layout queries. Names that moved stay
+importable from here."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from policies.contention import sm_share_slowdown
 from policies.inventory import InventoryUnit
-from policies.model import Demand, PodRequest, Timing, UnitType
-
-_FLOAT_FIELDS = (
-    "mem_cap",
-    "tel_t",
-    "tel_sm",
-    "tel_bw",
-    "tel_mem",
-    "decl_sm",
-    "decl_bw",
-    "decl_mem",
-    "recent_sm",
-    "recent_bw",
-    "recent_mem",
-    "eff_sm",
-    "eff_bw",
-    "eff_mem",
-    "tol_x",
-    "tol_y",
-    "burst_sm",
-    "time_sum",
-    "decode_caps",
-    "typical_sm",
-    "gpu_mem",
-)
-_INT_FIELDS = ("type_id", "npods", "index", "gpu_pods")
-_BOOL_FIELDS = ("active", "healthy", "tel_tensor", "mps")
-_DEFAULTS = {"tel_t": -np.inf, "tol_x": np.inf, "tol_y": np.inf, "mem_cap": 1.0}
-# Roles that may be provisioned for bursts (declaring a typical demand below their load)
-BURSTY_ROLES = frozenset(("prefill", "mixed"))
-
-Slot = tuple[int, int]  # (column j, row)
-
-
-def declares_typical_sm(role: str, request: PodRequest | None) -> bool:
-    """A prefill/mixed pod that declares its SMs (`copack.io/demand: sm=`): with a load it is
-    provisioned for, that is its typical demand, which must be served between bursts."""
-    return (
-        role in BURSTY_ROLES
-        and request is not None
-        and request.demand is not None
-        and request.demand.sm is not None
-    )
-
-
-def burst_headroom(role: str, declared_sm: float, timing: Timing | None) -> float:
-    """SMs a bursty pod takes above its declared (typical) demand while it bursts: a
-    prefill/mixed pod whose `copack.io/demand` sm= is below what its `copack.io/load` needs
-    declares its typical load and is provisioned for the latter. 0 for other pods."""
-    if role not in BURSTY_ROLES or timing is None:
-        return 0.0
-    return max(0.0, float(timing.sm_at_load) - float(declared_sm))
-
-
-class UnknownUnitError(KeyError):
-    """A unit UUID the view does not know."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass
-class PodRecord:
-    """A pod bound (or assumed) to a unit, with what it declared."""
-
-    key: str
-    uuid: str
-    demand: Demand
-    t: float
-    role: str = "mixed"
-    sm_share: int = 100
-    request: PodRequest | None = None
-    timing: Timing | None = None
-    # SLO tolerance of this pod to contention (see _tolerance); inf = no SLO
-    tol_x: float = math.inf
-    tol_y: float = math.inf
-
-    @property
-    def slo_sensitive(self) -> bool:
-        return math.isfinite(self.tol_x) or math.isfinite(self.tol_y)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pod": self.key,
-            "unit": self.uuid,
-            "role": self.role,
-            "demand": self.demand.as_dict(),
-            "placed_at": self.t,
-            "sm_share": self.sm_share,
-        }
+from policies.model import UnitType
+from policies.view_load import UnitLoadMixin
+from policies.view_load import UnknownUnitError as UnknownUnitError
+from policies.view_load import _ratio as _ratio
+from policies.view_pods import BURSTY_ROLES as BURSTY_ROLES
+from policies.view_pods import PodPlacementMixin, PodRecord
+from policies.view_pods import _tolerance as _tolerance
+from policies.view_pods import burst_headroom as burst_headroom
+from policies.view_pods import declares_typical_sm as declares_typical_sm
+from policies.view_storage import _BOOL_FIELDS as _BOOL_FIELDS
+from policies.view_storage import _DEFAULTS as _DEFAULTS
+from policies.view_storage import _FLOAT_FIELDS, Slot, ViewStorageMixin
+from policies.view_storage import _INT_FIELDS as _INT_FIELDS
 
 
 @dataclass
@@ -126,32 +53,7 @@ class _Node:
     mps: bool = False
 
 
-def _tolerance(
-    request: PodRequest | None, timing: Timing | None, sm_share: int
-) -> tuple[float, float]:
-    """How much bandwidth excess (x-1) and compute excess (y-1) this pod's SLO tolerates.
-
-    From contention.slowdown_factor: f = a/s + 1 - a + mem_frac*(x-1) + a*(y-1) must stay within
-    slo/base, so (x-1) <= slack/mem_frac and (y-1) <= slack/a, per metric (TTFT, TPOT)."""
-    if request is None or timing is None or request.slo.empty:
-        return math.inf, math.inf
-    tol_x = tol_y = math.inf
-    s = max(0.01, sm_share / 100.0)
-    for slo, base, a, mf in (
-        (request.slo.ttft_s, timing.ttft_s, timing.a_prefill, timing.mem_frac_prefill),
-        (request.slo.tpot_s, timing.tpot_s, timing.a_decode, timing.mem_frac_decode),
-    ):
-        if slo is None or base <= 0:
-            continue
-        slack = max(0.0, slo / base - sm_share_slowdown(a, s))
-        if mf > 1e-9:
-            tol_x = min(tol_x, slack / mf)
-        if a > 1e-9:
-            tol_y = min(tol_y, slack / a)
-    return tol_x, tol_y
-
-
-class ClusterView:
+class ClusterView(UnitLoadMixin, PodPlacementMixin, ViewStorageMixin):
     """Mutable vectorized view of every unit; see the module docstring."""
 
     def __init__(self, capacity: int = 1024, units_per_row: int = 8) -> None:
@@ -201,79 +103,6 @@ class ClusterView:
         # GPU-hours are counted per physical GPU, so decisions need its occupancy
         self._gpu_slots: dict[Slot, tuple[Slot, ...]] = {}
         self.max_gpu_mem = 0.0  # largest physical GPU in the view (bytes)
-
-    # -- storage ---------------------------------------------------------------------------
-    def _new_array(self, f: str, rows: int) -> np.ndarray:
-        if f in _INT_FIELDS:
-            dtype: Any = np.intp
-        elif f in _BOOL_FIELDS:
-            dtype = bool
-        else:
-            dtype = np.float64
-        arr = np.zeros((self.K, rows), dtype=dtype)
-        if f in _DEFAULTS:
-            arr[:] = _DEFAULTS[f]
-        return arr
-
-    def _grow_rows(self) -> None:
-        new = self._rows_cap * 2
-        for f in (*_FLOAT_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS):
-            old = getattr(self, f)
-            arr = self._new_array(f, new)
-            arr[:, : self._rows_cap] = old
-            setattr(self, f, arr)
-        rn = np.full(new, -1, dtype=np.intp)
-        rn[: self._rows_cap] = self.row_node
-        self.row_node = rn
-        rp = np.zeros(new, dtype=bool)
-        rp[: self._rows_cap] = self.row_primary
-        self.row_primary = rp
-        rs = np.zeros(new, dtype=np.int64)
-        rs[: self._rows_cap] = self.row_stamp
-        self.row_stamp = rs
-        self._rows_cap = new
-        self._scratch.clear()
-
-    def _alloc_row(self, node_id: int, primary: bool) -> int:
-        if self._free_rows:
-            row = self._free_rows.pop()
-        else:
-            if self._rows == self._rows_cap:
-                self._grow_rows()
-            row = self._rows
-            self._rows += 1
-        self.row_node[row] = node_id
-        self.row_primary[row] = primary
-        self._touch(row)
-        return row
-
-    def _clear_row(self, row: int) -> None:
-        for f in (*_FLOAT_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS):
-            getattr(self, f)[:, row] = _DEFAULTS.get(f, 0)
-        self.row_node[row] = -1
-        self.row_primary[row] = False
-        self._touch(row)
-
-    def _touch(self, row: int) -> None:
-        self.epoch += 1
-        self.row_stamp[row] = self.epoch
-
-    def scratch(self, name: str, dtype: Any = np.float64) -> np.ndarray:
-        """A reusable (K, rows) work buffer: decisions write temporaries here instead of
-        allocating (allocating 300 kB arrays per decision costs page faults)."""
-        buf = self._scratch.get(name)
-        if buf is None or buf.shape[1] != self._rows or buf.dtype != dtype:
-            buf = np.empty((self.K, self._rows), dtype=dtype)
-            self._scratch[name] = buf
-        return buf
-
-    def _type_id(self, t: UnitType) -> int:
-        tid = self._type_index.get(t)
-        if tid is None:
-            tid = len(self.types)
-            self.types.append(t)
-            self._type_index[t] = tid
-        return tid
 
     # -- nodes and units -------------------------------------------------------------------
     def set_node(
@@ -395,16 +224,6 @@ class ClusterView:
     def _slots_of(self, node: _Node) -> list[Slot]:
         return [self._uuid_slot[u] for u in node.uuids if u in self._uuid_slot]
 
-    def _drop_pods_of(self, uuid: str) -> list[str]:
-        pods = list(self._unit_pods.pop(uuid, {}).values())
-        for rec in pods:
-            self._pods.pop(rec.key, None)
-            if rec.slo_sensitive:
-                self._slo_pods -= 1
-            self._count_mem(rec, -1)
-            self._count_group(rec, -1)
-        return [rec.key for rec in pods]
-
     def remove_node(self, name: str) -> list[str]:
         """Forget a node and its units; returns the keys of pods that were on them."""
         node = self._nodes.pop(name, None)
@@ -438,158 +257,6 @@ class ClusterView:
         self._touch(slot[1])
         self.version += 1
         return True
-
-    # -- telemetry -------------------------------------------------------------------------
-    def record_telemetry(
-        self,
-        uuid: str,
-        t: float,
-        sm: float,
-        bw: float,
-        mem_used_bytes: float,
-        tensor: float | None = None,
-    ) -> bool:
-        """One sample for a unit. Compute load is tensor-pipe activity when the agent has it
-        (GPM), else SM activity (coarse source: overstates compute use, DESIGN.md). Returns
-        False for an unknown UUID; a sample older than the one held is ignored."""
-        slot = self._uuid_slot.get(uuid)
-        if slot is None:
-            return False
-        if not math.isfinite(t) or t < self.tel_t[slot]:
-            return True
-        has_tensor = tensor is not None and math.isfinite(tensor)
-        self.tel_t[slot] = t
-        self.tel_sm[slot] = _ratio(tensor if has_tensor else sm)
-        self.tel_bw[slot] = _ratio(bw)
-        mem = float(mem_used_bytes) if mem_used_bytes is not None else 0.0
-        self.tel_mem[slot] = max(0.0, mem) if math.isfinite(mem) else 0.0
-        self.tel_tensor[slot] = has_tensor
-        if self.recent_sm[slot] == 0.0 and self.recent_bw[slot] == 0.0 and (
-            self.recent_mem[slot] == 0.0
-        ):
-            # No pod counts as recent, and a later sample only ages pods out of the window:
-            # the pod sums stand and only the effective load moves (telemetry's hot path,
-            # thousands of units a second at scale, need not walk the unit's pods).
-            self.eff_sm[slot] = max(self.tel_sm[slot], self.decl_sm[slot])
-            self.eff_bw[slot] = max(self.tel_bw[slot], self.decl_bw[slot])
-            self.eff_mem[slot] = max(self.tel_mem[slot], self.decl_mem[slot])
-            self._touch(slot[1])
-        else:
-            self._recompute(slot)
-        self.version += 1
-        return True
-
-    # -- pods ------------------------------------------------------------------------------
-    def place(
-        self,
-        pod_key: str,
-        unit_uuid: str,
-        demand: Demand,
-        t: float,
-        role: str = "mixed",
-        sm_share: int = 100,
-        request: PodRequest | None = None,
-        timing: Timing | None = None,
-    ) -> bool:
-        """Record a pod on a unit (an assumed placement at bind, or a bound pod seen in a
-        watch). Re-placing a known pod moves it. A pod on a UUID the view does not know yet is
-        kept pending and attached when the unit's node appears; returns False then."""
-        self.unplace(pod_key)
-        tol_x, tol_y = _tolerance(request, timing, sm_share)
-        rec = PodRecord(
-            pod_key, unit_uuid, demand, float(t), role, int(sm_share), request, timing, tol_x, tol_y
-        )
-        slot = self._uuid_slot.get(unit_uuid)
-        self.version += 1
-        if slot is None:
-            self._pending[pod_key] = rec
-            return False
-        self._attach(rec, slot)
-        return True
-
-    def _attach(self, rec: PodRecord, slot: Slot) -> None:
-        self._pods[rec.key] = rec
-        if rec.slo_sensitive:
-            self._slo_pods += 1
-        self._count_mem(rec, +1)
-        self._count_group(rec, +1)
-        self._unit_pods.setdefault(rec.uuid, {})[rec.key] = rec
-        self._recompute(slot)
-
-    def unplace(self, pod_key: str) -> bool:
-        """Forget a pod (deleted, finished, bind failed). False if it was not known."""
-        if self._pending.pop(pod_key, None) is not None:
-            self.version += 1
-            return True
-        rec = self._pods.pop(pod_key, None)
-        if rec is None:
-            return False
-        if rec.slo_sensitive:
-            self._slo_pods -= 1
-        self._count_mem(rec, -1)
-        self._count_group(rec, -1)
-        self._unit_pods.get(rec.uuid, {}).pop(pod_key, None)
-        slot = self._uuid_slot.get(rec.uuid)
-        if slot is not None:
-            self._recompute(slot)
-        self.version += 1
-        return True
-
-    def _recompute(self, slot: Slot) -> None:
-        """Declared sums, the recently-placed part, the fresh-telemetry effective load and the
-        SLO tolerances of one unit. Exact, from its pods (a unit holds a handful)."""
-        pods = self._unit_pods.get(self.slot_uuid[slot]) or {}
-        cutoff = self.tel_t[slot] - self._window
-        dsm = dbw = dmem = rsm = rbw = rmem = 0.0
-        tx = ty = math.inf
-        burst = caps = typical = time_sum = 0.0
-        for rec in pods.values():
-            d = rec.demand
-            b = burst_headroom(rec.role, d.sm, rec.timing)
-            burst = max(burst, b)
-            time_sum += max(d.sm, d.bw)  # a time-sliced unit runs one pod at a time
-            if rec.role == "decode":
-                caps += rec.sm_share / 100.0
-            elif declares_typical_sm(rec.role, rec.request):
-                typical = max(typical, d.sm)
-            dsm += d.sm
-            dbw += d.bw
-            dmem += d.mem_bytes
-            if rec.t > cutoff:
-                rsm += d.sm
-                rbw += d.bw
-                rmem += d.mem_bytes
-            tx = min(tx, rec.tol_x)
-            ty = min(ty, rec.tol_y)
-        self.decl_sm[slot], self.decl_bw[slot], self.decl_mem[slot] = dsm, dbw, dmem
-        self.recent_sm[slot], self.recent_bw[slot], self.recent_mem[slot] = rsm, rbw, rmem
-        self.eff_sm[slot] = max(self.tel_sm[slot] + rsm, dsm)
-        self.eff_bw[slot] = max(self.tel_bw[slot] + rbw, dbw)
-        self.eff_mem[slot] = max(self.tel_mem[slot] + rmem, dmem)
-        self.tol_x[slot], self.tol_y[slot] = tx, ty
-        self.burst_sm[slot], self.time_sum[slot] = burst, time_sum
-        self.decode_caps[slot], self.typical_sm[slot] = caps, typical
-        delta = len(pods) - int(self.npods[slot])
-        self.npods[slot] = len(pods)
-        self._touch(slot[1])
-        if delta:
-            for s in self._gpu_slots.get(slot, (slot,)):
-                self.gpu_pods[s] += delta
-                self._touch(s[1])
-
-    def set_assumed_window(self, seconds: float) -> None:
-        """Pods placed less than `seconds` before a unit's latest telemetry count as not yet
-        visible in it. Recomputes every unit (a configuration change, not a hot path)."""
-        if not seconds >= 0:
-            raise ValueError(f"assumed window must be >= 0, got {seconds!r}")
-        self._window = float(seconds)
-        for slot in self._uuid_slot.values():
-            self._recompute(slot)
-        self.version += 1
-
-    @property
-    def assumed_window_s(self) -> float:
-        return self._window
 
     # -- queries ---------------------------------------------------------------------------
     def has_node(self, name: str) -> bool:
@@ -625,20 +292,6 @@ class ClusterView:
     def unit_type(self, uuid: str) -> UnitType | None:
         slot = self._uuid_slot.get(uuid)
         return None if slot is None else self.types[int(self.type_id[slot])]
-
-    def pods_on(self, uuid: str) -> list[PodRecord]:
-        return list((self._unit_pods.get(uuid) or {}).values())
-
-    def unit_of(self, pod_key: str) -> str | None:
-        rec = self._pods.get(pod_key) or self._pending.get(pod_key)
-        return rec.uuid if rec else None
-
-    def pod(self, pod_key: str) -> PodRecord | None:
-        return self._pods.get(pod_key) or self._pending.get(pod_key)
-
-    @property
-    def pod_keys(self) -> list[str]:
-        return [*self._pods, *self._pending]
 
     @property
     def unit_count(self) -> int:
@@ -692,50 +345,6 @@ class ClusterView:
     def multi_row_nodes(self) -> dict[int, list[int]]:
         return self._multi_row
 
-    def _count_mem(self, rec: PodRecord, delta: int) -> None:
-        m = int(rec.demand.mem_bytes)
-        n = self._mem_sizes.get(m, 0) + delta
-        if n > 0:
-            self._mem_sizes[m] = n
-            if delta > 0 and (self._min_mem is None or m < self._min_mem):
-                self._min_mem = m
-            return
-        self._mem_sizes.pop(m, None)
-        if m == self._min_mem:  # the smallest size left: rescan the distinct sizes (rare)
-            self._min_mem = min(self._mem_sizes) if self._mem_sizes else None
-
-    def _count_group(self, rec: PodRecord, delta: int) -> None:
-        if burst_headroom(rec.role, rec.demand.sm, rec.timing) <= 0:
-            return
-        self._n_burst += delta
-        group = rec.request.group if rec.request is not None else ""
-        if not group:
-            return
-        units = self._bursty.setdefault(group, {})
-        n = units.get(rec.uuid, 0) + delta
-        if n > 0:
-            units[rec.uuid] = n
-            return
-        units.pop(rec.uuid, None)
-        if not units:
-            del self._bursty[group]
-
-    def has_burst_pods(self) -> bool:
-        """Whether any placed pod declares a typical demand below its provisioned load."""
-        return self._n_burst > 0
-
-    def bursty_slots(self, group: str) -> list[Slot]:
-        """Slots of the units holding a burst-provisioned replica of `group` (a few)."""
-        units = self._bursty.get(group) if group else None
-        if not units:
-            return []
-        return [s for u in units if (s := self._uuid_slot.get(u)) is not None]
-
-    @property
-    def min_pod_mem_bytes(self) -> int | None:
-        """The smallest memory any placed pod declared (None when no pod is placed)."""
-        return self._min_mem
-
     def _sharing_kinds(self) -> tuple[bool, bool]:
         version, any_mps, any_ts = self._sharing
         if version != self.layout_version:
@@ -751,77 +360,6 @@ class ClusterView:
     def has_mixed_sharing(self) -> bool:
         """Whether the active units include both MPS and time-sliced ones."""
         return all(self._sharing_kinds())
-
-    def has_slo_pods(self) -> bool:
-        """Whether any placed pod carries an SLO (else the neighbour check is skipped)."""
-        return self._slo_pods > 0
-
-    # -- load ------------------------------------------------------------------------------
-    def load_arrays(
-        self, now: float, stale_after_s: float, cols: np.ndarray | None = None
-    ) -> tuple[np.ndarray, ...]:
-        """Effective load of every slot, shape (K, rows) (DESIGN.md "Units, demand, load"):
-        fresh telemetry + recently-placed declared demand, never below the declared sum; stale
-        (or no) telemetry -> declared sum only. Returns (sm, bw, mem_bytes, stale). With `cols`,
-        only those rows (fresh arrays); without, the arrays may be the view's own or scratch
-        buffers: read, don't keep."""
-        if cols is not None:
-            stale = self.tel_t[:, cols] < (now - stale_after_s)
-            return (
-                np.where(stale, self.decl_sm[:, cols], self.eff_sm[:, cols]),
-                np.where(stale, self.decl_bw[:, cols], self.eff_bw[:, cols]),
-                np.where(stale, self.decl_mem[:, cols], self.eff_mem[:, cols]),
-                stale,
-            )
-        r = self._rows
-        stale = self.tel_t[:, :r] < (now - stale_after_s)
-        lsm, lbw, lmem = self.eff_sm[:, :r], self.eff_bw[:, :r], self.eff_mem[:, :r]
-        if stale.any():
-            out = []
-            for name, eff, decl in (
-                ("l_sm", lsm, self.decl_sm),
-                ("l_bw", lbw, self.decl_bw),
-                ("l_mem", lmem, self.decl_mem),
-            ):
-                buf = self.scratch(name)
-                np.copyto(buf, eff)
-                np.copyto(buf, decl[:, :r], where=stale)
-                out.append(buf)
-            lsm, lbw, lmem = out
-        return lsm, lbw, lmem, stale
-
-    def unit_load(self, uuid: str, now: float, stale_after_s: float) -> dict[str, Any]:
-        """One unit's effective load and where it came from (for explanations)."""
-        slot = self._uuid_slot.get(uuid)
-        if slot is None:
-            raise UnknownUnitError(f"unknown unit {uuid!r}")
-        fresh = bool(self.tel_t[slot] >= now - stale_after_s)
-        if fresh:
-            sm, bw, mem = self.eff_sm[slot], self.eff_bw[slot], self.eff_mem[slot]
-        else:
-            sm, bw, mem = self.decl_sm[slot], self.decl_bw[slot], self.decl_mem[slot]
-        age = now - self.tel_t[slot]
-        return {
-            "sm": round(float(sm), 4),
-            "bw": round(float(bw), 4),
-            "mem_bytes": int(mem),
-            "mem_capacity_bytes": int(self.mem_cap[slot]),
-            "stale": not fresh,
-            "telemetry_age_s": round(float(age), 3) if math.isfinite(age) else None,
-            "compute_source": "tensor" if self.tel_tensor[slot] else "sm_active",
-            "declared": {
-                "sm": round(float(self.decl_sm[slot]), 4),
-                "bw": round(float(self.decl_bw[slot]), 4),
-                "mem_bytes": int(self.decl_mem[slot]),
-            },
-            "recently_placed": {
-                "sm": round(float(self.recent_sm[slot]), 4),
-                "bw": round(float(self.recent_bw[slot]), 4),
-                "mem_bytes": int(self.recent_mem[slot]),
-            },
-            "pods": int(self.npods[slot]),
-            "healthy": bool(self.healthy[slot]),
-        }
 
     def to_dict(self, now: float | None = None, stale_after_s: float = 15.0) -> dict[str, Any]:
         """JSON-able dump for /debug/state (with effective loads when `now` is given)."""
@@ -853,13 +391,3 @@ class ClusterView:
             "assumed_window_s": self._window,
             "version": self.version,
         }
-
-    def iter_pods(self) -> Iterable[PodRecord]:
-        return iter(list(self._pods.values()))
-
-
-def _ratio(x: float | None) -> float:
-    """Telemetry ratios are 0..1 (DESIGN: never percent); NaN (GPM hiccup) counts as 0."""
-    if x is None or not math.isfinite(x):
-        return 0.0
-    return min(1.0, max(0.0, float(x)))
