@@ -105,8 +105,12 @@ def parse_extender_args(body: bytes, names: NameListCache | None = None) -> Exte
             if known is not None:
                 ns, name, uid = _pod_identity(head.get("Pod"))
                 return ExtenderArgs(head["Pod"], ns, name, uid, known, None)
-            args = _parse_data(_loads(body))
-            names.put(raw, args.node_names)  # the cut is the top-level array: remember it
+            try:  # the cut is the top-level array: decode it alone, the rest is parsed
+                head["NodeNames"] = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return _parse_data(_loads(body))  # says where in the body it went wrong
+            args = _parse_data(head)
+            names.put(raw, args.node_names)
             return args
     return _parse_data(_loads(body))
 
