@@ -8,7 +8,11 @@ busiest ten seconds, since the Azure code trace bursts to 6x its minute average 
 seconds), decode pods on output tokens per second at the largest batch
 whose step time meets the TPOT target. Scale-up is immediate; scale-down waits for several
 intervals in a row to agree, so a burst gap does not tear pods down and build them again.
-It sees only arrivals, never placements, so every policy gets the same pods.
+It sees the arrivals and one thing of the placement: how fast the prefill pods ran while
+busy (`prefill_speed: measured`, sim/prefill_speed.py). A pod packed beside others runs its
+bursts slower than the profile, so the planner divides the prefill work by the slowest speed of
+the last `peak_memory` intervals; pods that run alone, as under dedicated, get the same pods
+as with `prefill_speed: profile`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class Observed:
     prefill_peak: float = 0.0  # the same over the interval's busiest TTFT-long window
     # output tokens per second over the interval's busiest window of one decode lifetime
     decode_peak: float = 0.0
+    # the prefill pods' busy-weighted speed relative to running alone; None = they had no work
+    prefill_speed: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Planner:
         self._peaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
         self._dpeaks: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
         self._bursts = list(bursts) if bursts is not None else [0.0] * len(services)
+        self._speeds: list[deque[float]] = [deque(maxlen=spec.peak_memory) for _ in services]
 
     def _predict(self, i: int, obs: Observed) -> Observed:
         self._peaks[i].append(obs.prefill_peak)
@@ -110,7 +117,9 @@ class Planner:
             # Mean load at the target utilization, and the bursts: a prefill queue that grows
             # for ten seconds breaks every TTFT in it, so the busiest window must fit too.
             want_pf = math.ceil(
-                max(pred.prefill_load / u, pred.prefill_peak / self.spec.peak_utilization) - 1e-9
+                max(pred.prefill_load / u, pred.prefill_peak / self.spec.peak_utilization)
+                / self._prefill_speed(i, obs)
+                - 1e-9
             )
             ctx = max(pred.prompt_mean, 1.0) + max(pred.output_mean, 1.0) / 2
             cap = max(self._decode_cap(i, ctx), 1e-9)
@@ -139,6 +148,18 @@ class Planner:
                 )
             )
         return out
+
+    def _prefill_speed(self, i: int, obs: Observed) -> float:
+        """The slowest speed the service's prefill pods ran at over the last `peak_memory`
+        intervals they had work in, at most 1 (a pod faster than the profile is not counted
+        on: the profile stays the floor). Slowdowns recur with the bursts that meet them, so
+        they are remembered like the bursts."""
+        if self.spec.prefill_speed != "measured":
+            return 1.0
+        mem = self._speeds[i]
+        if obs.prefill_speed is not None:
+            mem.append(min(1.0, max(obs.prefill_speed, 1e-3)))
+        return min(mem) if mem else 1.0
 
     def _hysteresis(self, i: int, role: int, current: int, want: int) -> int:
         if want >= current:

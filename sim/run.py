@@ -1,18 +1,20 @@
 """One simulated run: a scenario's traffic served under one placement policy.
 
 The loop advances a simulated clock in fixed steps. At each autoscaler tick the planner sizes
-every service; new pods are created (and shown to the extender's state as the pod watch would),
-surplus pods drain and are deleted once empty. Pending pods go through kube-scheduler's cycle
-(`sim.kube`) against the real extender app; its bind lands in `SimBinder`, which sets the
-pod's node and copack annotations as the API server would, and the updated pod is fed back to
-the extender's state. Every telemetry interval each node's agent "sends" a Snapshot built from
-what the performance model says its units did. The engine serves the requests in between.
+every service (from the interval's arrivals and how fast its prefill pods ran); new pods are
+created (and shown to the extender's state as the pod watch would), surplus pods drain and are
+deleted once empty. Pending pods go through kube-scheduler's cycle (`sim.kube`) against the
+real extender app; its bind lands in `SimBinder`, which sets the pod's node and copack
+annotations as the API server would, and the updated pod is fed back to the extender's state.
+Every telemetry interval each node's agent "sends" a Snapshot built from what the performance
+model says its units did. The engine serves the requests in between.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ from sim.harness import ExtenderHarness
 from sim.kube import KubeScheduler
 from sim.perf import PerfTables, core_unit_type
 from sim.pods import NAMESPACE, make_pod
+from sim.prefill_speed import PrefillSpeedMeter
 from sim.rebalance import SimRebalancer
 from sim.results import PodRecord, RunResult
 from sim.scenario import Scenario
@@ -341,6 +344,7 @@ def run_policy(
         return lost
 
     retry = scenario.scheduler.retry_s
+    speed_meter = PrefillSpeedMeter(ns)
     gap = GapRecorder(cluster, engine, demand_model, by_pid)
     for k in range(n_steps):
         t = k * dt
@@ -349,6 +353,10 @@ def run_policy(
             lo = t if t == 0.0 else t - interval
             hi = t + interval if t == 0.0 else t
             observed = _observe(workload, ref_work, ns, lo, hi)
+            speeds = speed_meter.take()
+            observed = [
+                replace(o, prefill_speed=sp) for o, sp in zip(observed, speeds, strict=True)
+            ]
             current = [(len(live[i][0]), len(live[i][1])) for i in range(ns)]
             for i, target in enumerate(planner.plan(observed, current)):
                 targets[i] = target
@@ -371,6 +379,7 @@ def run_policy(
         if rebal is not None:
             rebal.tick(t, live, services, evict, kill)
         act = engine.step(t)
+        speed_meter.sample(engine)
         telemetry.record(act)
         # Utilization of the GPUs in use, the lower bound's inputs, the count.
         n_used = int(gpu_in_use.sum())

@@ -111,6 +111,11 @@ class AutoscalerSpec(_Strict):
     multiplex_quantile: float = Field(default=99.0, ge=50.0, le=100.0)
     # The GPU the planner's capacity profile is taken on (Dynamo profiles one GPU type).
     reference_gpu: str = "H100-SXM"
+    # Prefill pods' speed: `measured` = the profile divided by the slowest speed the service's
+    # prefill pods ran at while busy over the last `peak_memory` intervals (a pod packed
+    # beside others runs its bursts slower than the profile; sim/prefill_speed.py), `profile`
+    # = the profile as is (every policy gets the same pods).
+    prefill_speed: Literal["measured", "profile"] = "measured"
 
 
 class SchedulerSpec(_Strict):
