@@ -27,6 +27,7 @@ from sim.traces import load_trace
 ROOT = Path(__file__).resolve().parent.parent
 _NEW_SERVICE_FIELDS = ("prompt_scale", "output_scale", "max_prompt_tokens")
 _NEW_TOP_FIELDS = ("rebalancer",)
+_NEW_AUTOSCALER_FIELDS = ("prefill_speed",)  # an earlier planner sized from the profile alone
 
 _RUNNER = r"""
 import json, sys
@@ -76,6 +77,8 @@ def translate(scenario: Scenario, out: Path) -> Path:
     raw = scenario.model_dump(mode="json")
     for k in _NEW_TOP_FIELDS:
         raw.pop(k, None)
+    for k in _NEW_AUTOSCALER_FIELDS:
+        raw["autoscaler"].pop(k, None)
     for svc, rs in zip(scenario.services, raw["services"], strict=True):
         scaled = (svc.prompt_scale, svc.output_scale, svc.max_prompt_tokens) != (1.0, 1.0, None)
         for k in _NEW_SERVICE_FIELDS:
