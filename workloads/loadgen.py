@@ -62,6 +62,8 @@ class ReplayReport:
     tokens_per_word: float
     clamped_prompts: int
     error_kinds: dict[str, int] = field(default_factory=dict)
+    # the first error of each kind, as the server worded it: a count alone does not say why
+    error_examples: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,10 +256,12 @@ def summarize(
 ) -> ReplayReport:
     ok = [r for r in results if r.ok]
     kinds: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for r in results:
         if not r.ok:
             kind = (r.error or "error").split(":")[0]
             kinds[kind] = kinds.get(kind, 0) + 1
+            examples.setdefault(kind, r.error or "error")
     out_tokens = sum(r.output_tokens for r in ok)
     prompt_counts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     return ReplayReport(
@@ -276,6 +280,7 @@ def summarize(
         tokens_per_word=tokens_per_word,
         clamped_prompts=clamped,
         error_kinds=kinds,
+        error_examples=examples,
     )
 
 
@@ -309,4 +314,5 @@ def format_report(rep: ReplayReport) -> str:
         + (f", {rep.clamped_prompts} clamped to the context" if rep.clamped_prompts else "")
         + ")",
     ]
+    lines += [f"first {k:6s} {text}" for k, text in rep.error_examples.items()]
     return "\n".join(lines)

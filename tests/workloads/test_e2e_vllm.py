@@ -333,7 +333,8 @@ def test_replay_of_20_trace_requests(stack: Stack, tmp_path: Path) -> None:
     assert "TTFT" in run.stdout and "p99" in run.stdout
     report = json.loads(out.read_text())
     assert report["requests"] == 20
-    assert report["ok"] == 20, report["error_kinds"]
+    servers = "\n\n".join(f"--- {p.name}\n{p.tail(60)}" for p in stack.procs)
+    assert report["ok"] == 20, f"{report['error_examples']}\n{servers}"
     assert report["ttft_s"]["p99"] >= report["ttft_s"]["p50"] > 0
     # Every answer has several tokens, so every request has a TPOT; the time from the first
     # token to the end bounds it, and each request's latency is at least its TTFT.

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from copack.cli import app
 from tests.workloads.stub_vllm import ServerThread, create_stub_app, free_port
-from workloads.loadgen import ReplayConfig, ReplayError, percentiles, replay
+from workloads.loadgen import ReplayConfig, ReplayError, format_report, percentiles, replay
 from workloads.proxy import PDProxy, ProxyConfig
 from workloads.trace import (
     WORDS,
@@ -137,6 +137,8 @@ def test_backend_errors_are_counted_not_raised(stub: ServerThread) -> None:
     report, _results = replay([TraceRequest(0, 5, 2)] * 3, ReplayConfig(url=stub.url, model="m"))
     assert report.ok == 0 and report.errors == 3
     assert report.error_kinds == {"HTTP 500": 3}
+    assert report.error_examples["HTTP 500"].startswith("HTTP 500: ")
+    assert "first HTTP 500 HTTP 500: " in format_report(report)
     assert report.ttft_s["p50"] is None
 
 
