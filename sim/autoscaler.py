@@ -75,6 +75,8 @@ class Planner:
     def _predict(self, i: int, obs: Observed) -> Observed:
         self._peaks[i].append(obs.prefill_peak)
         self._dpeaks[i].append(obs.decode_peak)
+        if obs.prefill_speed is not None:
+            self._speeds[i].append(min(1.0, max(obs.prefill_speed, 1e-3)))
         prev = self._pred[i]
         if prev is None:
             pred = Observed(
@@ -118,7 +120,7 @@ class Planner:
             # for ten seconds breaks every TTFT in it, so the busiest window must fit too.
             want_pf = math.ceil(
                 max(pred.prefill_load / u, pred.prefill_peak / self.spec.peak_utilization)
-                / self._prefill_speed(i, obs)
+                / self._prefill_speed(i)
                 - 1e-9
             )
             ctx = max(pred.prompt_mean, 1.0) + max(pred.output_mean, 1.0) / 2
@@ -149,17 +151,15 @@ class Planner:
             )
         return out
 
-    def _prefill_speed(self, i: int, obs: Observed) -> float:
+    def _prefill_speed(self, i: int) -> float:
         """The slowest speed the service's prefill pods ran at over the last `peak_memory`
-        intervals they had work in, at most 1 (a pod faster than the profile is not counted
-        on: the profile stays the floor). Slowdowns recur with the bursts that meet them, so
-        they are remembered like the bursts."""
-        if self.spec.prefill_speed != "measured":
-            return 1.0
+        intervals they had work in (kept by `_predict`, at most 1: a pod faster than the
+        profile is not counted on). Slowdowns recur with the bursts that meet them, so they
+        are remembered like the bursts."""
         mem = self._speeds[i]
-        if obs.prefill_speed is not None:
-            mem.append(min(1.0, max(obs.prefill_speed, 1e-3)))
-        return min(mem) if mem else 1.0
+        if self.spec.prefill_speed != "measured" or not mem:
+            return 1.0
+        return min(mem)
 
     def _hysteresis(self, i: int, role: int, current: int, want: int) -> int:
         if want >= current:

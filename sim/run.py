@@ -344,7 +344,9 @@ def run_policy(
         return lost
 
     retry = scenario.scheduler.retry_s
-    speed_meter = PrefillSpeedMeter(ns)
+    # sampled every step, so only where the planner reads it
+    measured = scenario.autoscaler.prefill_speed == "measured"
+    speed_meter = PrefillSpeedMeter(ns) if measured else None
     gap = GapRecorder(cluster, engine, demand_model, by_pid)
     for k in range(n_steps):
         t = k * dt
@@ -353,10 +355,11 @@ def run_policy(
             lo = t if t == 0.0 else t - interval
             hi = t + interval if t == 0.0 else t
             observed = _observe(workload, ref_work, ns, lo, hi)
-            speeds = speed_meter.take()
-            observed = [
-                replace(o, prefill_speed=sp) for o, sp in zip(observed, speeds, strict=True)
-            ]
+            if speed_meter is not None:
+                speeds = speed_meter.take()
+                observed = [
+                    replace(o, prefill_speed=sp) for o, sp in zip(observed, speeds, strict=True)
+                ]
             current = [(len(live[i][0]), len(live[i][1])) for i in range(ns)]
             for i, target in enumerate(planner.plan(observed, current)):
                 targets[i] = target
@@ -379,7 +382,8 @@ def run_policy(
         if rebal is not None:
             rebal.tick(t, live, services, evict, kill)
         act = engine.step(t)
-        speed_meter.sample(engine)
+        if speed_meter is not None:
+            speed_meter.sample(engine)
         telemetry.record(act)
         # Utilization of the GPUs in use, the lower bound's inputs, the count.
         n_used = int(gpu_in_use.sum())
