@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from policies import feasibility as fz
+from policies import packing_rules as rules
 from policies.model import Demand, Timing
 from policies.share import sm_share
 
@@ -339,6 +340,8 @@ class Decision:
         else:
             load_sm = float(self._load(uuid)["sm"])
         share = sm_share(self.request.role, d.sm, load_sm, self.config)
+        if share < 100 and rules.sole_tenant(self.view, self.table, slot, d.mem_bytes):
+            share = 100
         score = int(self.node_score[row])
         return Placement(node, uuid, d, share, self.table.timings[tid], score)
 

@@ -121,6 +121,25 @@ def correlated_units(
     return out
 
 
+def smallest_pod_mem(view: ClusterView, table: TypeTable) -> float:
+    """The smallest memory any pod the cluster runs declares (the pod itself included): a unit
+    with less memory left can take no other pod."""
+    sizes = table.mem[(~table.bad) & (table.mem > 0)]
+    small = float(sizes.min()) if len(sizes) else math.inf
+    known = view.min_pod_mem_bytes
+    return small if known is None else min(small, float(known))
+
+
+def sole_tenant(view: ClusterView, table: TypeTable, slot: tuple[int, int], mem: int) -> bool:
+    """An MPS unit with no pod on it that a pod of `mem` bytes leaves closed to every pod the
+    cluster runs (memory): the pod will be alone there for as long as it stays, so an MPS cap
+    would protect no neighbour and only slow it (a decode pod at a 30 % cap runs at ~0.8 of
+    its speed, and a KV-bound one with few sequences queues its requests for it)."""
+    if not view.mps[slot] or view.npods[slot] != 0:
+        return False
+    return float(view.mem_cap[slot]) - mem < smallest_pod_mem(view, table)
+
+
 def closed_units(
     view: ClusterView,
     table: TypeTable,
@@ -135,11 +154,7 @@ def closed_units(
     below the smallest pod placed anywhere (or the pod itself), or its last slot is taken.
     Their leftover SMs and bandwidth are lost for as long as the pod stays (fragmentation)."""
     closed = np.greater_equal(npods, config.max_pods_per_unit - 1, out=buf("closed", bool))
-    sizes = table.mem[(~table.bad) & (table.mem > 0)]
-    small = float(sizes.min()) if len(sizes) else math.inf
-    known = view.min_pod_mem_bytes
-    if known is not None:
-        small = min(small, float(known))
+    small = smallest_pod_mem(view, table)
     if math.isfinite(small):
         np.subtract(mem_cap, msum, out=tmp)
         closed |= np.less(tmp, small, out=buf("closed_mem", bool))

@@ -204,6 +204,33 @@ def test_sm_share_rules() -> None:
     assert sm_share("prefill", 2.0, 0.0, cfg) == 100
 
 
+def test_decode_alone_on_a_unit_its_memory_closes_runs_uncapped(
+    demand_model: DemandModel,
+) -> None:
+    """A decode pod that leaves an empty MPS unit with less memory than any pod the cluster
+    runs is alone there for as long as it stays: its cap would protect no neighbour."""
+    cfg, dm = PolicyConfig(), demand_model
+    v = ClusterView()
+    for n in ("a", "b"):
+        v.set_node(n, [whole_gpu(n, 0)], mps=True)
+    v.set_node("ts", [whole_gpu("ts", 0)])  # time-slicing: shares mean nothing there
+    cap = v.unit("GPU-a-0").memory_bytes
+    v.place("ns/small", "GPU-b-0", Demand(0.1, 0.1, 10 * GiB), NOW - 60)  # smallest pod: 10 GiB
+
+    def dec(name: str, mem: int) -> PodRequest:
+        return req(name, "decode", rps=1.0, demand=DemandOverride(mem_bytes=mem))
+
+    big = cap - 8 * GiB  # leaves 8 GiB: too little for the 10 GiB pod
+    p = choose_unit(v, dec("big", big), "a", NOW, cfg, dm)
+    assert isinstance(p, Placement) and p.sm_share == 100
+    roomy = choose_unit(v, dec("roomy", cap - 20 * GiB), "a", NOW, cfg, dm)
+    assert isinstance(roomy, Placement) and roomy.sm_share == 30  # a 10 GiB pod still fits
+    shared = choose_unit(v, dec("shared", cap - 12 * GiB), "b", NOW, cfg, dm)
+    assert isinstance(shared, Placement) and shared.sm_share == 30  # its neighbour keeps the cap
+    ts = choose_unit(v, dec("ts", big), "ts", NOW, cfg, dm)
+    assert isinstance(ts, Placement) and ts.sm_share == 30
+
+
 def test_explain_is_json_and_complete(demand_model: DemandModel) -> None:
     v = three_gpus(demand_model)
     v.set_node("d", [whole_gpu("d", 0, healthy=False)])
