@@ -5,7 +5,11 @@ and, within its budget (rebalancer/budget.py), evicts: the node gets `copack.io/
 the GPU, the pod stops taking requests and finishes what it holds, and its ReplicaSet's
 replacement is created at once (pending, scheduled by the extender, paying the model load).
 Whatever the pod still holds when its grace period ends is lost: those requests never finish
-and count as SLO misses.
+and count as SLO misses. With `handover` an evicted prefill pod goes on taking requests while
+another pod of its role is starting (the proxy's handover rule, workloads/discovery.py) until
+it has been idle `handover_idle_s` (its preStop hook) or `handover_drain_s` before the end of
+its grace period: a burst that comes while the replacement loads its model finds the capacity
+the service was sized for.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from policies.cluster_view import PodRecord as ViewPod
 from policies.draining import DRAINING_ANNOTATION, format_draining
 from rebalancer.budget import BudgetSpec, DisruptionBudget
 from rebalancer.rounds import draining_until, plan_round
+from sim.engine import PREFILL
 from sim.harness import ExtenderHarness
 from sim.scenario import RebalancerSpec
 
@@ -31,6 +36,8 @@ class _Eviction:
     node: str
     deadline: float
     workload: str
+    handover: bool = False  # still taking requests (make-before-break)
+    busy_t: float = 0.0  # last time it held a request
 
 
 @dataclass
@@ -40,6 +47,7 @@ class RebalanceStats:
     gpus_emptied: int = 0
     rounds: int = 0
     gpus_kept: int = 0  # GPUs in use looked at and left (budget, or their pods fit nowhere)
+    handovers: int = 0  # evicted prefill pods that served on while their replacement started
 
 
 class SimRebalancer:
@@ -82,12 +90,17 @@ class SimRebalancer:
         t: float,
         live: list[list[list[Any]]],
         services: Sequence[Any],
-        evict: Callable[[Any, str, float], Any],
+        evict: Callable[[Any, str, float, bool], Any],
         kill: Callable[[Any, float], int],
+        unroute: Callable[[Any], None],
     ) -> None:
-        """One step: end grace periods, settle replaced workloads, maybe plan a round.
-        `evict(rec, reason, t)` returns the replacement record; `kill(rec, t)` the requests
-        lost."""
+        """One step: end handovers and grace periods, settle replaced workloads, maybe plan a
+        round. `evict(rec, reason, t, handover)` returns the replacement record (a pod handed
+        over keeps taking requests until `unroute(rec)`); `kill(rec, t)` the requests lost."""
+        for ev in self.evicting:
+            if ev.handover and self._handover_ends(ev, t, live):
+                ev.handover = False
+                unroute(ev.rec)
         for ev in [e for e in self.evicting if e.rec.state == "deleted" or t >= e.deadline]:
             if ev.rec.state != "deleted":
                 self.stats.requests_lost += kill(ev.rec, t)
@@ -106,12 +119,25 @@ class SimRebalancer:
         self.next_round += self.spec.interval_s
         self._round(t, live, services, evict)
 
+    def _handover_ends(self, ev: _Eviction, t: float, live: list[list[list[Any]]]) -> bool:
+        if self.in_flight(ev.rec.pid) > 0:
+            ev.busy_t = t
+        starting = any(
+            r.state == "pending" or (r.state == "bound" and t < r.bound_t + self.startup_s)
+            for r in live[ev.rec.service][ev.rec.role]
+        )
+        return (
+            not starting
+            or t - ev.busy_t >= self.spec.handover_idle_s
+            or t >= ev.deadline - self.spec.handover_drain_s
+        )
+
     def _round(
         self,
         t: float,
         live: list[list[list[Any]]],
         services: Sequence[Any],
-        evict: Callable[[Any, str, float], Any],
+        evict: Callable[[Any, str, float, bool], Any],
     ) -> None:
         self.stats.rounds += 1
         by_key: dict[str, Any] = {}
@@ -152,11 +178,15 @@ class SimRebalancer:
         self.stats.gpus_emptied += len(plan.gpus)
         for m in plan.moves:
             rec = by_key[m.pod]
-            rep = evict(rec, m.reason, t)
+            hand = self.spec.handover and rec.role == PREFILL
+            rep = evict(rec, m.reason, t, hand)
             self.budget.record(m.workload, rec.name, t)
             self.replacements[m.workload] = rep
-            self.evicting.append(_Eviction(rec, m.gpu[0], t + self.spec.grace_s, m.workload))
+            self.evicting.append(
+                _Eviction(rec, m.gpu[0], t + self.spec.grace_s, m.workload, hand, t)
+            )
             self.stats.evictions += 1
+            self.stats.handovers += hand
 
     def _annotate(self, node: str, units: set[str], t: float) -> None:
         obj = copy.deepcopy(self.nodes[node])

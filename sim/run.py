@@ -329,13 +329,18 @@ def run_policy(
         max_pods_unit = max(max_pods_unit, int(unit_pods[unit.index]))
         refresh_use()
 
-    def evict(rec: PodRecord, reason: str, t: float) -> PodRecord:
-        """The Eviction API's effect: the pod terminates, its ReplicaSet replaces it now."""
+    def evict(rec: PodRecord, reason: str, t: float, handover: bool) -> PodRecord:
+        """The Eviction API's effect: the pod terminates, its ReplicaSet replaces it now. A pod
+        handed over keeps taking requests until `unroute`."""
         live[rec.service][rec.role].remove(rec)
         rec.state, rec.last_reason, rec.evicted_t = "draining", reason, t
-        engine.drain(rec.pid)
+        if not handover:
+            engine.drain(rec.pid)
         create(rec.service, rec.role, t, targets[rec.service])
         return live[rec.service][rec.role][-1]
+
+    def unroute(rec: PodRecord) -> None:
+        engine.drain(rec.pid)
 
     def kill(rec: PodRecord, t: float) -> int:
         lost = engine.kill(rec.pid)
@@ -380,7 +385,7 @@ def run_policy(
             rec = by_pid.pop(pid)
             delete(rec, t)
         if rebal is not None:
-            rebal.tick(t, live, services, evict, kill)
+            rebal.tick(t, live, services, evict, kill, unroute)
         act = engine.step(t)
         if speed_meter is not None:
             speed_meter.sample(engine)

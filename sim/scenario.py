@@ -146,6 +146,13 @@ class RebalancerSpec(_Strict):
     min_age_s: float = Field(default=300.0, ge=0, description="a pod's warm-up")
     max_gpus_per_round: int = Field(default=2, ge=0)
     grace_s: float = Field(default=30.0, ge=0, description="terminationGracePeriodSeconds")
+    # Make-before-break for prefill pods (docs/workloads.md, "Handover"): the proxy keeps
+    # routing to an evicted prefill pod while another pod of its role is still starting, and
+    # its preStop hook keeps it alive until it has been idle `handover_idle_s`; the proxy
+    # stops `handover_drain_s` before the grace period ends.
+    handover: bool = True
+    handover_idle_s: float = Field(default=15.0, ge=0)
+    handover_drain_s: float = Field(default=10.0, ge=0)
     # Every service role's PodDisruptionBudget: minAvailable ready pods.
     pdb_min_available: int = Field(default=1, ge=0)
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from workloads.discovery import HANDOVER_DRAIN_S
+
 workload_app = typer.Typer(
     name="workload",
     help="vLLM prefill/decode servers: launcher, P/D proxy, manifests, load generator.",
@@ -106,6 +108,16 @@ def proxy(
     backend_port: Annotated[int, typer.Option(help="port of the discovered pods")] = 8000,
     kubeconfig: Annotated[str | None, typer.Option()] = None,
     discovery_interval: Annotated[float, typer.Option(help="seconds between pod lists")] = 5.0,
+    handover: Annotated[
+        bool,
+        typer.Option(help="keep routing to a prefill pod being deleted while its replacement "
+                     "starts (make-before-break)"),
+    ] = True,
+    handover_drain: Annotated[
+        float,
+        typer.Option(help="seconds before a handed-over pod's deletion deadline at which "
+                     "routing to it stops"),
+    ] = HANDOVER_DRAIN_S,
     host: Annotated[str, typer.Option()] = "0.0.0.0",
     port: Annotated[int, typer.Option()] = 8000,
     connect_timeout: Annotated[float, typer.Option(help="seconds")] = 5.0,
@@ -142,6 +154,8 @@ def proxy(
     ):
         if value <= 0:
             _fail(f"{name} must be positive")
+    if handover_drain < 0:
+        _fail("--handover-drain must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = ProxyConfig(
         prefill=list(prefill or []),
@@ -161,7 +175,10 @@ def proxy(
             return
         selectors = []
         if prefill_selector:
-            selectors.append(KubeSelector(pd.prefill, namespace, prefill_selector, backend_port))
+            selectors.append(KubeSelector(
+                pd.prefill, namespace, prefill_selector, backend_port,
+                handover_drain if handover else None,
+            ))
         if decode_selector:
             selectors.append(KubeSelector(pd.decode, namespace, decode_selector, backend_port))
         pd.add_background(KubeDiscovery(api, selectors, discovery_interval).loop)
@@ -170,6 +187,21 @@ def proxy(
     gc.collect()
     gc.freeze()
     uvicorn.run(pd.app, host=host, port=port, log_level="warning")
+
+
+@workload_app.command("wait-idle")
+def wait_idle_cmd(
+    port: Annotated[int, typer.Option(help="the vLLM server's port on this pod")] = 8000,
+    idle: Annotated[float, typer.Option(help="seconds without a request to wait for")] = 15.0,
+    poll: Annotated[float, typer.Option(help="seconds between /metrics reads")] = 1.0,
+) -> None:
+    """preStop hook: keep the pod up until its vLLM server has been idle (docs/workloads.md)."""
+    from workloads.idle_wait import wait_idle
+
+    if idle < 0 or poll <= 0:
+        _fail("--idle must be >= 0 and --poll positive")
+    why = wait_idle(f"http://127.0.0.1:{port}/metrics", idle, poll)
+    typer.echo(f"wait-idle: {why}", err=True)
 
 
 @workload_app.command("render")

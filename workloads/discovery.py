@@ -5,14 +5,24 @@ to exactly the pods that are Running, Ready, not being deleted and have an IP; a
 keeps the previous set (better stale backends than none) and is logged once per change of
 state. Lists are read as raw JSON (`_preload_content=False`): the typed models are slow and
 this needs three fields.
+
+Handover (make-before-break, on for prefill selectors): a pod being deleted that is still
+Ready (the kubelet goes on probing it while its preStop hook keeps it up; EndpointSlice calls
+that "serving") stays a backend while another pod of the selector is starting (not yet
+Ready: the replacement its ReplicaSet created when it was evicted, loading its model), until
+`handover_drain_s` before its deletion deadline. A prefill pod is sized for its service's
+bursts; without this a move by the rebalancer (or a `kubectl drain`) takes one pod's worth of
+burst capacity away for as long as the replacement loads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -22,27 +32,65 @@ from workloads.balancer import BackendPool
 log = logging.getLogger("copack.proxy.discovery")
 
 
+HANDOVER_DRAIN_S = 10.0  # a prefill request takes seconds: stop routing this long before
+
+
 def pod_is_ready(pod: Mapping[str, Any]) -> bool:
-    meta = pod.get("metadata") or {}
+    """Running, Ready, with an IP and not being deleted."""
+    return not (pod.get("metadata") or {}).get("deletionTimestamp") and _ready_condition(pod)
+
+
+def _deletion_deadline(meta: Mapping[str, Any]) -> float | None:
+    """The pod's deletionTimestamp (when the kubelet kills it) in unix seconds, or None."""
+    ts = meta.get("deletionTimestamp")
+    if not isinstance(ts, str):
+        return None
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _ready_condition(pod: Mapping[str, Any]) -> bool:
     status = pod.get("status") or {}
-    if meta.get("deletionTimestamp") or status.get("phase") != "Running":
-        return False
-    if not status.get("podIP"):
-        return False
-    return any(
+    return status.get("phase") == "Running" and bool(status.get("podIP")) and any(
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in status.get("conditions") or []
         if isinstance(c, Mapping)
     )
 
 
-def endpoints_from_pod_list(body: Mapping[str, Any], port: int) -> list[str]:
-    urls = []
-    for pod in body.get("items") or []:
-        if isinstance(pod, Mapping) and pod_is_ready(pod):
-            ip = pod["status"]["podIP"]
-            host = f"[{ip}]" if ":" in ip else ip
-            urls.append(f"http://{host}:{port}")
+def _starting(pod: Mapping[str, Any]) -> bool:
+    """Not being deleted and not (yet) Ready: scheduled or loading its model."""
+    meta = pod.get("metadata") or {}
+    phase = (pod.get("status") or {}).get("phase")
+    return not meta.get("deletionTimestamp") and phase in ("Pending", "Running") and (
+        not _ready_condition(pod)
+    )
+
+
+def _hands_over(pod: Mapping[str, Any], now: float, drain_s: float) -> bool:
+    deadline = _deletion_deadline(pod.get("metadata") or {})
+    return deadline is not None and deadline - now > drain_s and _ready_condition(pod)
+
+
+def _url(pod: Mapping[str, Any], port: int) -> str:
+    ip = pod["status"]["podIP"]
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}"
+
+
+def endpoints_from_pod_list(
+    body: Mapping[str, Any], port: int, handover_drain_s: float | None = None,
+    now: float | None = None,
+) -> list[str]:
+    """Ready pods' URLs; with `handover_drain_s`, also pods being deleted that hand over
+    (module docstring)."""
+    pods = [p for p in body.get("items") or [] if isinstance(p, Mapping)]
+    urls = [_url(p, port) for p in pods if pod_is_ready(p)]
+    if handover_drain_s is not None and any(_starting(p) for p in pods):
+        t = time.time() if now is None else now
+        urls += [_url(p, port) for p in pods if _hands_over(p, t, handover_drain_s)]
     return sorted(urls)
 
 
@@ -54,6 +102,7 @@ class KubeSelector:
     namespace: str
     selector: str
     port: int = 8000
+    handover_drain_s: float | None = None  # None: no handover (decode pods)
 
 
 class KubeDiscovery:
@@ -79,7 +128,7 @@ class KubeDiscovery:
                 body = orjson.loads(resp.data)
             finally:
                 resp.release_conn()
-            urls = endpoints_from_pod_list(body, sel.port)
+            urls = endpoints_from_pod_list(body, sel.port, sel.handover_drain_s)
             before = sorted(b.url for b in sel.pool.backends)
             sel.pool.set_urls(urls)
             if urls != before:

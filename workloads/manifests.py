@@ -123,6 +123,15 @@ def _env_field(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
+# preStop: idle this long (longer than the proxy's 5 s discovery interval) before SIGTERM
+PRESTOP_IDLE_S = 15.0
+# A prefill pod being deleted hands over until its replacement has loaded its model (the
+# startup probe allows minutes): its grace bounds that. Decode and mixed pods only finish what
+# they hold.
+HANDOVER_GRACE_S = 600
+DRAIN_GRACE_S = 60
+
+
 def _server(spec: RenderSpec, name: str, role: str, replicas: int) -> dict[str, Any]:
     labels = _labels(name, role)
     annotations = {ROLE_ANNOTATION: role, MODEL_ANNOTATION: spec.model}
@@ -189,7 +198,14 @@ def _server(spec: RenderSpec, name: str, role: str, replicas: int) -> dict[str, 
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "hf-cache", "mountPath": "/root/.cache/huggingface"},
         ],
-    }
+        # Deleted, the server goes on serving until it has been idle (workloads/idle_wait.py):
+        # in-flight requests finish, and a prefill pod the proxy hands over serves until its
+        # replacement is Ready (workloads/discovery.py).
+        "lifecycle": {"preStop": {"exec": {"command": [
+            "copack", "workload", "wait-idle", "--port", str(VLLM_PORT),
+            "--idle", f"{PRESTOP_IDLE_S:g}",
+        ]}}},
+    }  # fmt: skip
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -201,7 +217,9 @@ def _server(spec: RenderSpec, name: str, role: str, replicas: int) -> dict[str, 
                 "metadata": {"labels": labels, "annotations": annotations},
                 "spec": {
                     "schedulerName": SCHEDULER_NAME,
-                    "terminationGracePeriodSeconds": 60,
+                    "terminationGracePeriodSeconds": (
+                        HANDOVER_GRACE_S if role == PREFILL else DRAIN_GRACE_S
+                    ),
                     "containers": [container],
                     "volumes": [
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},

@@ -859,6 +859,25 @@ class FakeKubeApiServer:
             "pods", name, {"status": {"phase": phase}}, namespace, "merge", subresource="status"
         )
 
+    def begin_termination(self, namespace: str, name: str, grace_s: int) -> dict:
+        """What a graceful DELETE does to a pod before its kubelet confirms: the object stays,
+        with deletionTimestamp = now + grace (when the kubelet kills it), as a MODIFIED event."""
+        with self._cond:
+            key = self._key("pods", namespace, name)
+            old = self._objects["pods"].get(key)
+            if old is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found',
+                               {"name": name, "kind": "pods"})
+            new = copy.deepcopy(old)
+            stamp = time.time() + grace_s
+            new["metadata"]["deletionTimestamp"] = time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+            new["metadata"]["deletionGracePeriodSeconds"] = grace_s
+            new["metadata"]["resourceVersion"] = str(self._next_rv())
+            self._objects["pods"][key] = new
+            self._record("pods", "MODIFIED", new, old)
+            return copy.deepcopy(new)
+
     # ------------------------------------------------------------ store internals (lock held)
 
     def _next_rv(self) -> int:

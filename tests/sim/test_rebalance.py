@@ -70,3 +70,35 @@ def test_evictions_cost_is_in_the_slo_figures(pair):
     unfinished = int(np.isnan(r.requests.finish).sum())
     assert unfinished >= lost >= 0
     assert r.max_unit_mem_frac <= 1.0
+
+
+def _run_handover(handover: bool) -> RunResult:
+    raw = small_raw(
+        duration_s=600,
+        extender={"policy": {"stale_after_s": 20, "consolidate": False}},
+        rebalancer={**BUDGET, "policies": ["complementary"], "grace_s": 120,
+                    "handover": handover, "handover_idle_s": 1e6},
+    )
+    scn = parse_scenario(raw)
+    return run_policy(scn, "complementary", build_workload(scn))
+
+
+def test_an_evicted_prefill_pod_serves_until_its_replacement_is_ready():
+    """Make-before-break: with handover the evicted prefill pod stays routed (and on its GPU)
+    until its replacement has loaded its model; without, it stops taking requests at once and
+    is gone once its queue is empty."""
+    for handover in (True, False):
+        r = _run_handover(handover)
+        startup = parse_scenario(small_raw()).autoscaler.startup_s
+        stats = r.extra["rebalancer"]
+        moved = [p for p in r.pods if not math.isnan(p.evicted_t) and p.role == 0]
+        assert moved, "the small scenario's rebalancer moves no prefill pod"
+        assert stats.handovers == (len(moved) if handover else 0)
+        for p in moved:
+            rep = next(q for q in r.pods if q is not p and q.service == p.service
+                       and q.role == p.role and q.created_t == p.evicted_t)
+            if handover:
+                assert p.deleted_t >= min(rep.bound_t + startup, p.evicted_t + 110) - 1e-9
+            else:
+                assert p.deleted_t < rep.bound_t + startup
+        assert stats.requests_lost == 0

@@ -116,3 +116,60 @@ def test_proxy_serves_through_discovered_backends(fake_kube: FakeKube) -> None:
 @pytest.mark.parametrize("body", [{}, {"items": None}, {"items": [None, 3, {"status": None}]}])
 def test_odd_list_bodies_give_no_backends(body: dict) -> None:
     assert endpoints_from_pod_list(body, 8000) == []
+
+
+def _deleting(p: dict, deadline: str) -> dict:
+    p["metadata"]["deletionTimestamp"] = deadline
+    return p
+
+
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+IN_60S, IN_5S = "2027-01-15T08:01:00Z", "2027-01-15T08:00:05Z"
+
+
+def test_a_prefill_pod_being_deleted_hands_over_while_its_replacement_starts() -> None:
+    old = _deleting(pod("p1", "prefill", "10.0.0.1"), IN_60S)
+    other = pod("p2", "prefill", "10.0.0.2")
+    loading = pod("p3", "prefill", "10.0.0.3", ready=False)
+    pending = pod("p4", "prefill", None)
+    url1 = "http://10.0.0.1:8000"
+
+    def urls(*pods: dict, drain: float | None = 10.0, now: float = NOW) -> list[str]:
+        return endpoints_from_pod_list({"items": list(pods)}, 8000, drain, now)
+
+    assert url1 in urls(old, other, loading)  # replacement loading its model
+    assert url1 in urls(old, other, pending)  # replacement not even scheduled yet
+    assert url1 not in urls(old, other, pod("p3", "prefill", "10.0.0.3"))  # it is Ready
+    assert url1 not in urls(old, other, loading, drain=None)  # decode selectors: no handover
+    assert url1 not in urls(old, other, loading, drain=70.0)  # too close to its deadline
+    assert url1 not in urls(_deleting(pod("p1", "prefill", "10.0.0.1"), IN_5S), loading)
+    gone = _deleting(pod("p1", "prefill", "10.0.0.1", ready=False), IN_60S)
+    assert url1 not in urls(gone, loading)  # its server stopped answering its probe
+    odd = _deleting(pod("p1", "prefill", "10.0.0.1"), "soon")
+    assert url1 not in urls(odd, loading)  # a deadline it cannot read: no handover
+    # a starting pod being deleted itself is no replacement
+    assert url1 not in urls(old, _deleting(pod("p5", "prefill", None), IN_60S))
+
+
+def test_handover_through_the_api_server(fake_kube: FakeKube) -> None:
+    s = fake_kube.server
+    s.add_pod(pod("p1", "prefill", "10.0.0.1"))
+    s.add_pod(pod("p0", "prefill", "10.0.0.9"))
+    s.begin_termination("llm", "p1", grace_s=600)  # evicted: its grace period runs
+    s.begin_termination("llm", "p0", grace_s=600)
+    s.add_pod(pod("p2", "prefill", None))  # p1's replacement, pending
+    pre, dec = BackendPool("prefill"), BackendPool("decode")
+    sels = selectors(pre, dec)
+    sels[0].handover_drain_s = 10.0
+    disc = KubeDiscovery(fake_kube.api_client, sels)
+    disc.refresh_once()
+    assert [b.url for b in pre.backends] == ["http://10.0.0.1:8000", "http://10.0.0.9:8000"]
+    s.delete("pods", "p2", namespace="llm")
+    s.add_pod(pod("p2", "prefill", "10.0.0.2"))  # the replacement is Ready: hand-over ends
+    disc.refresh_once()
+    assert [b.url for b in pre.backends] == ["http://10.0.0.2:8000"]
+    sels[0].handover_drain_s = None  # no handover: a pod being deleted is never a backend
+    s.delete("pods", "p2", namespace="llm")
+    s.add_pod(pod("p2", "prefill", None))
+    disc.refresh_once()
+    assert [b.url for b in pre.backends] == []

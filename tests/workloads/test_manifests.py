@@ -169,3 +169,20 @@ def test_cli_render_yaml_and_json() -> None:
     assert json.loads(js.stdout)["items"] == docs
     bad = runner.invoke(app, [*args, "--load", "rps=x,prompt=1"])
     assert bad.exit_code == 2 and "error: --load" in bad.output
+
+
+def test_servers_drain_before_sigterm_and_prefill_hands_over() -> None:
+    """preStop waits for the server to go idle; prefill's grace covers a replacement's model
+    load (the proxy's handover), decode's only what it holds. The proxy hands prefill over."""
+    objects = render(FULL)
+    pre, dec = deployment(objects, "-prefill"), deployment(objects, "-decode")
+    for dep in (pre, dec):
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        cmd = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert cmd[:3] == ["copack", "workload", "wait-idle"] and "--idle" in cmd
+        assert CliRunner().invoke(app, [*cmd[1:], "--help"]).exit_code == 0
+    grace = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+             for d in (pre, dec)}
+    assert grace[pre["metadata"]["name"]] >= 300 > grace[dec["metadata"]["name"]] > 0
+    (proxy,) = deployment(objects, "-proxy")["spec"]["template"]["spec"]["containers"]
+    assert "--no-handover" not in proxy["command"]
