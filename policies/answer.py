@@ -339,9 +339,8 @@ class Decision:
             load_sm = float(self.chosen_load[0])
         else:
             load_sm = float(self._load(uuid)["sm"])
-        share = sm_share(self.request.role, d.sm, load_sm, self.config)
-        if share < 100 and rules.sole_tenant(self.view, self.table, slot, d.mem_bytes):
-            share = 100
+        alone = rules.sole_tenant(self.view, self.table, slot, d.mem_bytes)
+        share = 100 if alone else sm_share(self.request.role, d.sm, load_sm, self.config)
         score = int(self.node_score[row])
         return Placement(node, uuid, d, share, self.table.timings[tid], score)
 
