@@ -86,17 +86,12 @@ class Deployments:
             kv = min(max(floor, KV_BURST_FACTOR * kv_core), max(floor, self.kv_cap(i)))
         return int(m.weight_bytes + RUNTIME_OVERHEAD_BYTES + kv)
 
-    def max_batch(self, pod: dict, i: int, mem_bytes: int) -> int:
-        """Sequences a decode pod's KV budget holds at its declared mean context."""
+    def kv_tokens(self, i: int, mem_bytes: int) -> float:
+        """Tokens a decode pod's KV cache holds (what it admits requests against)."""
         m = self.models[i]
-        load = pod_request_from_k8s(pod).load
-        ctx = (
-            2048.0
-            if load is None
-            else float(load.prompt_tokens) + float(load.output_tokens or 128) / 2.0
+        return max(mem_bytes - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0) / (
+            m.kv_bytes_per_token
         )
-        kv_budget = mem_bytes - m.weight_bytes - RUNTIME_OVERHEAD_BYTES
-        return int(max(1, kv_budget // (m.kv_bytes_per_token * ctx)))
 
     # --- planner capacity ---
     def decode_capacity(self, i: int, ctx: float) -> float:

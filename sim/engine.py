@@ -11,7 +11,8 @@ Each step (a few hundred ms) does, for all pods at once:
    (FIFO per pod). A pod drains `step × speed` standalone-seconds of queued work; a request
    completes when the pod's cumulative work passes its mark, at the interpolated time.
 3. **Decode.** After the KV transfer, a request joins the decode pod with the fewest running
-   requests (continuous batching, bounded by the pod's KV capacity). A pod runs
+   requests that has room for its prompt in its KV cache (tokens held now, as vLLM admits by
+   KV blocks; continuous batching). A pod runs
    `busy time / step time` iterations, the step time coming from the roofline at its batch and
    mean context, times its slowdown; a request finishes when the pod's iteration count passes
    `join + output - 1`. TPOT = (finish - first token) / (output - 1).
@@ -82,7 +83,8 @@ class _Grow:
         self.ready_at = np.zeros(cap)
         self.cap_sm = np.ones(cap)  # MPS share cap, fraction of the unit
         self.mps = np.zeros(cap, bool)
-        self.max_batch = np.zeros(cap, np.int64)
+        self.max_batch = np.zeros(cap, np.int64)  # decode: sequence slots (max_num_seqs)
+        self.kv_tokens = np.zeros(cap)  # decode: KV cache capacity, tokens
         self.arrived = np.zeros(cap)  # prefill: cumulative queued work (standalone s)
         self.done = np.zeros(cap)  # prefill: cumulative work done
         self.iters = np.zeros(cap)  # decode: cumulative iterations
@@ -167,6 +169,7 @@ class Engine:
         cap_sm: float,
         ready_at: float,
         max_batch: int,
+        kv_tokens: float = float("inf"),
     ) -> int:
         pid = self.n_pods
         self.n_pods += 1
@@ -178,6 +181,7 @@ class Engine:
         p.cap_sm[pid] = min(max(cap_sm, 0.01), 1.0)
         p.mps[pid] = self.unit_mps[unit]
         p.max_batch[pid] = max(1, max_batch)
+        p.kv_tokens[pid] = kv_tokens
         p.arrived[pid] = p.done[pid] = p.iters[pid] = p.ctx_base[pid] = 0.0
         p.active[pid] = 0
         p.busy[pid] = p.kernel[pid] = p.bw_use[pid] = p.sm_use[pid] = 0.0
@@ -430,21 +434,12 @@ class Engine:
             order = np.nonzero(due)[0]
             order = order[np.argsort(wt[order], kind="stable")]
             pods_a = np.asarray(pods, np.int64)
-            load = p.active[pods_a]
-            free = np.maximum(p.max_batch[pods_a] - load, 0)
-            n_take = min(n_due, int(free.sum()))
-            if n_take == 0:
+            take, pick = self._admit(pods_a, r.prompt[wi[order]])
+            if not take:
                 continue
-            # Water-filling: the j-th request goes to the j-th smallest (load + m, pod) slot.
-            m = np.arange(n_take)
-            lvl = load[:, None] + m[None, :]
-            ok = m[None, :] < free[:, None]
-            cand_lvl = lvl[ok]
-            cand_pod = np.broadcast_to(np.arange(len(pods_a))[:, None], lvl.shape)[ok]
-            pick = np.lexsort((cand_pod, cand_lvl))[:n_take]
-            take = order[:n_take]
+            take = order[:take]
             jr_parts.append(wi[take])
-            jp_parts.append(pods_a[cand_pod[pick]])
+            jp_parts.append(pods_a[pick])
             jt_parts.append(wt[take])
             keep = np.ones(len(wi), bool)
             keep[take] = False
@@ -507,6 +502,32 @@ class Engine:
                 self.dc_req, self.dc_pod = self.dc_req[keep], self.dc_pod[keep]
                 self.dc_mark, self.dc_base = self.dc_mark[keep], self.dc_base[keep]
         return dc, busy_time, step_alone * iters_step
+
+    def _admit(self, pods: np.ndarray, prompts: np.ndarray) -> tuple[int, np.ndarray]:
+        """How many of the waiting requests (in arrival order) join, and the pod of each: the
+        pod with the fewest running requests among those with a free sequence slot and room
+        in their KV cache (tokens held now) for the prompt, as vLLM admits by KV blocks; a
+        pod with nothing running takes any request. First come, first served: the first
+        request no pod can take waits, and those behind it too."""
+        p = self.p
+        load = p.active[pods].tolist()
+        seqs = (p.max_batch[pods] - p.active[pods]).tolist()
+        room = (p.kv_tokens[pods] - p.ctx_base[pods] - p.active[pods] * p.iters[pods]).tolist()
+        picks: list[int] = []
+        for need in prompts.tolist():
+            best = -1
+            for k in range(len(load)):
+                if seqs[k] > 0 and (room[k] >= need or load[k] == 0) and (
+                    best < 0 or load[k] < load[best]
+                ):
+                    best = k
+            if best < 0:
+                break
+            picks.append(best)
+            load[best] += 1
+            seqs[best] -= 1
+            room[best] -= need
+        return len(picks), np.asarray(picks, np.int64)
 
     def _activity(
         self,

@@ -45,6 +45,7 @@ EPOCH = 1_767_225_600.0  # simulated wall clock at t=0 (2026-01-01T00:00:00Z)
 KV_LINK_BYTES_PER_S = 25e9  # prefill -> decode KV transfer (RDMA / NVLink mix)
 SERIES_EVERY_S = 10.0
 DRAIN_GRACE_S = 300.0  # serve requests still in flight at the end for at most this long
+MAX_NUM_SEQS = 256  # vLLM's --max-num-seqs default: a decode pod's sequence slots
 
 
 class SimBinder:
@@ -310,14 +311,13 @@ def run_policy(
         rec.mem_bytes = int(demand_model.demand(request, core_unit_type(unit.type)).mem_bytes)
         rec.node, rec.unit, rec.state, rec.bound_t = unit.node, unit.index, "bound", t
         model = models[rec.service]
-        if rec.role == DECODE:
-            max_batch = deploy.max_batch(rec.obj, rec.service, rec.mem_bytes)
-        else:
-            max_batch = 1
+        dc = rec.role == DECODE
+        kv = deploy.kv_tokens(rec.service, rec.mem_bytes) if dc else float("inf")
         ready = t if t == 0.0 else t + scenario.autoscaler.startup_s
         ptype = perf.type_id(model, unit.type)
         rec.pid = engine.add_pod(
-            rec.service, rec.role, unit.index, ptype, rec.sm_share, ready, max_batch
+            rec.service, rec.role, unit.index, ptype, rec.sm_share, ready,
+            MAX_NUM_SEQS if dc else 1, kv,
         )
         by_pid[rec.pid] = rec
         unit_pods[unit.index] += 1

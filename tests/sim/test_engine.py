@@ -196,3 +196,29 @@ def test_a_pod_drained_while_still_loading_is_reported_for_deletion():
     eng.step(eng.dt)
     assert eng.drained() == [loading]
     assert loading not in eng.ready_prefill[0]
+
+
+def test_decode_admits_by_the_tokens_its_kv_cache_holds_now():
+    """As vLLM admits by free KV blocks: a request joins a decode pod only if its prompt fits
+    beside the tokens the running requests hold now, first come first served (the wait counts
+    in its TPOT). A pod with nothing running takes any request; sequence slots cap the batch."""
+
+    def run(kv: float, slots: int = 64, prompts=(6000, 6000, 100)):
+        n = len(prompts)
+        eng, _, pt = _engine(np.zeros(n), list(prompts), np.full(n, 50))
+        eng.add_pod(0, PREFILL, 0, pt, 1.0, 0.0, 1)
+        eng.add_pod(0, DECODE, 0, pt, 1.0, 0.0, slots, kv_tokens=kv)
+        _run(eng, 30.0)
+        assert not np.isnan(eng.req.finish).any()
+        return eng.req
+
+    r = run(10_000.0)
+    d0 = r.finish[0] - r.first_token[0]  # the first 6k request's decode, alone
+    assert r.finish[1] >= r.finish[0] + 0.9 * d0  # the second joined only when it was done
+    assert r.finish[2] >= r.finish[0]  # the small one queued behind it (FCFS)
+    free = run(float("inf"))  # room for all: they overlap
+    assert free.finish[1] < free.finish[0] + 0.5 * (free.finish[0] - free.first_token[0])
+    assert not np.isnan(run(10_000.0, prompts=(20_000,)).finish).any()  # empty pod: any size
+    two = run(float("inf"), slots=2, prompts=(100, 100, 100, 100))
+    fin = np.sort(two.finish)
+    assert fin[2] >= fin[0] + 0.9 * (two.finish[0] - two.first_token[0])  # slots full: waits
