@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.contention import slowdown_factor
+from sim.decode_admission import admit
 from sim.perf import PerfTables
 
 PREFILL, DECODE = 0, 1
@@ -434,7 +435,11 @@ class Engine:
             order = np.nonzero(due)[0]
             order = order[np.argsort(wt[order], kind="stable")]
             pods_a = np.asarray(pods, np.int64)
-            take, pick = self._admit(pods_a, r.prompt[wi[order]])
+            take, pick = admit(
+                p.active[pods_a], p.max_batch[pods_a],
+                p.kv_tokens[pods_a] - p.ctx_base[pods_a] - p.active[pods_a] * p.iters[pods_a],
+                r.prompt[wi[order]],
+            )
             if not take:
                 continue
             take = order[:take]
@@ -502,32 +507,6 @@ class Engine:
                 self.dc_req, self.dc_pod = self.dc_req[keep], self.dc_pod[keep]
                 self.dc_mark, self.dc_base = self.dc_mark[keep], self.dc_base[keep]
         return dc, busy_time, step_alone * iters_step
-
-    def _admit(self, pods: np.ndarray, prompts: np.ndarray) -> tuple[int, np.ndarray]:
-        """How many of the waiting requests (in arrival order) join, and the pod of each: the
-        pod with the fewest running requests among those with a free sequence slot and room
-        in their KV cache (tokens held now) for the prompt, as vLLM admits by KV blocks; a
-        pod with nothing running takes any request. First come, first served: the first
-        request no pod can take waits, and those behind it too."""
-        p = self.p
-        load = p.active[pods].tolist()
-        seqs = (p.max_batch[pods] - p.active[pods]).tolist()
-        room = (p.kv_tokens[pods] - p.ctx_base[pods] - p.active[pods] * p.iters[pods]).tolist()
-        picks: list[int] = []
-        for need in prompts.tolist():
-            best = -1
-            for k in range(len(load)):
-                if seqs[k] > 0 and (room[k] >= need or load[k] == 0) and (
-                    best < 0 or load[k] < load[best]
-                ):
-                    best = k
-            if best < 0:
-                break
-            picks.append(best)
-            load[best] += 1
-            seqs[best] -= 1
-            room[best] -= need
-        return len(picks), np.asarray(picks, np.int64)
 
     def _activity(
         self,
