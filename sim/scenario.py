@@ -13,6 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workloads.discovery import HANDOVER_DRAIN_S
+from workloads.idle_wait import DEFAULT_IDLE_S
+
 POLICIES: tuple[str, ...] = ("dedicated", "spread", "binpack", "complementary")
 DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "default.yaml"
 LARGE_SCENARIO = Path(__file__).parent / "scenarios" / "large.yaml"
@@ -151,8 +154,8 @@ class RebalancerSpec(_Strict):
     # its preStop hook keeps it alive until it has been idle `handover_idle_s`; the proxy
     # stops `handover_drain_s` before the grace period ends.
     handover: bool = True
-    handover_idle_s: float = Field(default=15.0, ge=0)
-    handover_drain_s: float = Field(default=10.0, ge=0)
+    handover_idle_s: float = Field(default=DEFAULT_IDLE_S, ge=0)
+    handover_drain_s: float = Field(default=HANDOVER_DRAIN_S, ge=0)
     # Every service role's PodDisruptionBudget: minAvailable ready pods.
     pdb_min_available: int = Field(default=1, ge=0)
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from workloads.discovery import HANDOVER_DRAIN_S
+from workloads.idle_wait import DEFAULT_IDLE_S
 
 workload_app = typer.Typer(
     name="workload",
@@ -192,7 +193,9 @@ def proxy(
 @workload_app.command("wait-idle")
 def wait_idle_cmd(
     port: Annotated[int, typer.Option(help="the vLLM server's port on this pod")] = 8000,
-    idle: Annotated[float, typer.Option(help="seconds without a request to wait for")] = 15.0,
+    idle: Annotated[
+        float, typer.Option(help="seconds without a request to wait for")
+    ] = DEFAULT_IDLE_S,
     poll: Annotated[float, typer.Option(help="seconds between /metrics reads")] = 1.0,
 ) -> None:
     """preStop hook: keep the pod up until its vLLM server has been idle (docs/workloads.md)."""

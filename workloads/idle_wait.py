@@ -20,6 +20,8 @@ from collections.abc import Callable
 from prometheus_client.parser import text_string_to_metric_families
 
 BUSY_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+# Longer than the proxy's 5 s discovery interval: no request arrives after the hook returns.
+DEFAULT_IDLE_S = 15.0
 
 
 def requests_held(metrics_text: str) -> float:

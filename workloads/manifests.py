@@ -26,6 +26,7 @@ from policies.inventory import (
     SM_SHARE_ANNOTATION,
     UNIT_ANNOTATION,
 )
+from workloads.idle_wait import DEFAULT_IDLE_S
 from workloads.launcher import (
     DEFAULT_SIDE_CHANNEL_PORT,
     ENV_DEMAND,
@@ -123,8 +124,6 @@ def _env_field(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-# preStop: idle this long (longer than the proxy's 5 s discovery interval) before SIGTERM
-PRESTOP_IDLE_S = 15.0
 # A prefill pod being deleted hands over until its replacement has loaded its model (the
 # startup probe allows minutes): its grace bounds that. Decode and mixed pods only finish what
 # they hold.
@@ -203,7 +202,7 @@ def _server(spec: RenderSpec, name: str, role: str, replicas: int) -> dict[str, 
         # replacement is Ready (workloads/discovery.py).
         "lifecycle": {"preStop": {"exec": {"command": [
             "copack", "workload", "wait-idle", "--port", str(VLLM_PORT),
-            "--idle", f"{PRESTOP_IDLE_S:g}",
+            "--idle", f"{DEFAULT_IDLE_S:g}",
         ]}}},
     }  # fmt: skip
     return {
