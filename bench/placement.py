@@ -1,8 +1,9 @@
-"""Placement benchmark: every policy on the default (16 nodes x 8 GPUs), long-prompt (`long`)
-and large (128 nodes x 8 GPUs) scenarios, where each policy's GPU-hours above the fluid bound
-go, the previous main side by side, and complementary against the goals.
+"""Placement benchmark: every policy on the default (16 nodes x 8 GPUs), long-prompt (`long`),
+model-mix (`mix`: other models, cluster and SLOs) and large (128 nodes x 8 GPUs) scenarios,
+where each policy's GPU-hours above the fluid bound go, the previous main side by side, and
+complementary against the goals.
 
-    .venv/bin/python bench/placement.py [--only default|long|large] [--workers N]
+    .venv/bin/python bench/placement.py [--only default|long|mix|large] [--workers N]
         [--minutes M] [--baseline REV | --no-baseline]
 
 Per policy: GPU-h, x the fluid bound, x the packing bound, x fewer GPU-hours than dedicated,
@@ -28,11 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sim.report import lower_bound_hours, packing_bound_hours, render_text, rows, text_table
 from sim.results import RunResult
-from sim.scenario import DEFAULT_SCENARIO, LARGE_SCENARIO, LONG_SCENARIO, load_scenario
+from sim.scenario import (
+    DEFAULT_SCENARIO,
+    LARGE_SCENARIO,
+    LONG_SCENARIO,
+    MIX_SCENARIO,
+    load_scenario,
+)
 from sim.simulate import default_workers, run_scenario, write_report
 
 PREVIOUS_MAIN = "dbfc003"
-SCENARIOS = {"default": DEFAULT_SCENARIO, "long": LONG_SCENARIO, "large": LARGE_SCENARIO}
+SCENARIOS = {"default": DEFAULT_SCENARIO, "long": LONG_SCENARIO, "mix": MIX_SCENARIO,
+             "large": LARGE_SCENARIO}
 MAX_VS_FLUID = 1.25
 MIN_FEWER_THAN_DEDICATED = 2.8
 MIN_SLO = 0.99

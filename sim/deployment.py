@@ -14,7 +14,7 @@ import numpy as np
 
 from policies.annotations import pod_request_from_k8s
 from sim.autoscaler import Target
-from sim.catalog import UnitType
+from sim.catalog import UnitType, unit_type
 from sim.perf import PerfTables, core_unit_type
 from sim.scenario import Scenario
 from sim.workload import Workload
@@ -36,12 +36,46 @@ BURST_QUANTILE = 99.9
 PREFILL, DECODE = 0, 1
 
 
+def max_model_len(workload: Workload, n_services: int) -> np.ndarray:
+    """vLLM's --max-model-len per service: its longest request, rounded up; a pod's KV must
+    hold at least one such sequence or vLLM refuses to start."""
+    longest = np.zeros(n_services)
+    np.maximum.at(longest, workload.service, workload.prompt + workload.output)
+    return np.ceil(np.maximum(longest, 1) / MODEL_LEN_ROUND) * MODEL_LEN_ROUND
+
+
+def _holds(unit: UnitType, model: ModelSpec, max_len: float) -> bool:
+    usable = GPU_MEMORY_UTILIZATION * unit.memory_bytes - model.weight_bytes
+    return usable - RUNTIME_OVERHEAD_BYTES >= max_len * model.kv_bytes_per_token
+
+
+def service_references(
+    scenario: Scenario, models: Sequence[ModelSpec], workload: Workload
+) -> list[UnitType]:
+    """The GPU each service is profiled and configured on: the scenario's `reference_gpu`,
+    unless its weights and one --max-model-len sequence do not fit in GPU_MEMORY_UTILIZATION
+    of it (Mixtral-8x7B's 93 GB on an 80 GB H100); then the smallest whole GPU of the cluster
+    that holds them, where the operator runs and profiles it. Sized on a GPU it cannot run
+    on, such a model got KV for one sequence per pod and a profile of the wrong GPU."""
+    ref = unit_type(scenario.autoscaler.reference_gpu, None)
+    max_len = max_model_len(workload, len(scenario.services))
+    whole = sorted({unit_type(p.product, None) for p in scenario.cluster.pools},
+                   key=lambda u: (u.memory_bytes, u.gpu))
+    out = []
+    for i, m in enumerate(models):
+        if _holds(ref, m, max_len[i]):
+            out.append(ref)
+        else:
+            out.append(next((u for u in whole if _holds(u, m, max_len[i])), ref))
+    return out
+
+
 class Deployments:
     def __init__(
         self,
         scenario: Scenario,
         models: Sequence[ModelSpec],
-        reference: UnitType,
+        references: UnitType | Sequence[UnitType],
         perf: PerfTables,
         workload: Workload,
         demand_model: DemandModel,
@@ -49,28 +83,27 @@ class Deployments:
         self.scenario = scenario
         self.services = scenario.services
         self.models = list(models)
-        self.ref = reference
+        # per service, the GPU it is sized on (service_references); one type: all of them
+        self.refs = ([references] * len(self.models) if isinstance(references, UnitType)
+                     else list(references))
         self.perf = perf
         self.dm = demand_model
-        # vLLM's --max-model-len per service: its longest request, rounded up; a pod's KV must
-        # hold at least one such sequence or vLLM refuses to start.
-        longest = np.zeros(len(self.services))
-        np.maximum.at(longest, workload.service, workload.prompt + workload.output)
-        self.max_len = np.ceil(np.maximum(longest, 1) / MODEL_LEN_ROUND) * MODEL_LEN_ROUND
+        self.max_len = max_model_len(workload, len(self.services))
         # per service: prefill work (reference GPU-s per s) of its multiplex_quantile window
         self.mux_load = [0.0] * len(self.services)
 
     # --- memory ---
     def kv_cap(self, i: int) -> float:
-        """KV bytes a pod may hold on the reference GPU (vLLM's gpu_memory_utilization)."""
+        """KV bytes a pod may hold on its service's reference GPU (vLLM's
+        gpu_memory_utilization)."""
         m = self.models[i]
-        usable = GPU_MEMORY_UTILIZATION * self.ref.memory_bytes
+        usable = GPU_MEMORY_UTILIZATION * self.refs[i].memory_bytes
         return max(usable - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
 
     def decode_kv(self, i: int) -> float:
         """KV budget of every decode pod of the service (bytes)."""
         floor = self.max_len[i] * self.models[i].kv_bytes_per_token
-        return max(floor, min(DECODE_KV_SHARE * self.ref.memory_bytes, self.kv_cap(i)))
+        return max(floor, min(DECODE_KV_SHARE * self.refs[i].memory_bytes, self.kv_cap(i)))
 
     def pod_memory(self, pod: dict, i: int, role: int) -> int:
         """The memory vLLM is given: weights, runtime, and a KV budget. Prefill: twice the
@@ -80,7 +113,7 @@ class Deployments:
         if role == DECODE:
             kv = self.decode_kv(i)
         else:
-            core = self.dm.demand(pod_request_from_k8s(pod), core_unit_type(self.ref))
+            core = self.dm.demand(pod_request_from_k8s(pod), core_unit_type(self.refs[i]))
             kv_core = max(core.mem_bytes - m.weight_bytes - RUNTIME_OVERHEAD_BYTES, 0.0)
             floor = self.max_len[i] * m.kv_bytes_per_token
             kv = min(max(floor, KV_BURST_FACTOR * kv_core), max(floor, self.kv_cap(i)))
@@ -152,7 +185,7 @@ class Deployments:
             self.mux_load[i] / max(n, 1) / max(per_req, 1e-12),
         )
         load = dataclasses.replace(req.load, rps=min(rps, req.load.rps))
-        d = self.dm.demand(dataclasses.replace(req, load=load), core_unit_type(self.ref))
+        d = self.dm.demand(dataclasses.replace(req, load=load), core_unit_type(self.refs[i]))
         return float(min(1.0, max(d.sm, 0.01)))
 
     def elastic_bw(self, pod: dict, i: int) -> float:
@@ -167,7 +200,7 @@ class Deployments:
         out = float(load.output_tokens or 128)
         ctx = float(load.prompt_tokens) + out / 2
         goal = self.services[i].slo.tpot_s * ELASTIC_TPOT_FRACTION
-        ref = core_unit_type(self.ref)
+        ref = core_unit_type(self.refs[i])
         for beta in ELASTIC_GRID:
             batch = 1.0
             for _ in range(30):  # B = rps * output * T(B, beta)

@@ -13,6 +13,7 @@ nothing here re-derives the roofline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -115,12 +116,17 @@ def _bilinear_index(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.nda
 class PerfTables:
     """All perf types of a run, addressed by integer id for vectorized lookups."""
 
-    def __init__(self, service_models: list[ModelSpec], reference: UnitType) -> None:
+    def __init__(
+        self, service_models: list[ModelSpec], reference: UnitType | Sequence[UnitType]
+    ) -> None:
+        """`reference`: the GPU the planner profiles on, one for all services or one per
+        service (sim.deployment.service_references)."""
         self._types: list[_TypeTables] = []
         self._ids: dict[tuple[str, UnitType], int] = {}
         self.service_models = service_models
-        self.reference = reference
-        self._ref_ids = [self.type_id(m, reference) for m in service_models]
+        refs = ([reference] * len(service_models) if isinstance(reference, UnitType)
+                else list(reference))
+        self._ref_ids = [self.type_id(m, r) for m, r in zip(service_models, refs, strict=True)]
         self._stack()
 
     def type_id(self, model: ModelSpec, unit: UnitType) -> int:

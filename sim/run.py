@@ -24,9 +24,8 @@ from policies.annotations import pod_request_from_k8s
 from policies.inventory import DEMAND_ANNOTATION, SM_SHARE_ANNOTATION, UNIT_ANNOTATION
 from sim.autoscaler import Observed, Planner
 from sim.catalog import model as catalog_model
-from sim.catalog import unit_type
 from sim.cluster import Cluster, build_cluster
-from sim.deployment import Deployments
+from sim.deployment import Deployments, service_references
 from sim.engine import DECODE, PREFILL, Engine, Requests
 from sim.gap import GapRecorder
 from sim.harness import ExtenderHarness
@@ -150,8 +149,8 @@ def run_policy(
     services = scenario.services
     ns = len(services)
     models = [catalog_model(s.model) for s in services]
-    ref_ut = unit_type(scenario.autoscaler.reference_gpu, None)
-    perf = PerfTables(models, ref_ut)
+    refs = service_references(scenario, models, workload)
+    perf = PerfTables(models, refs)
     demand_model = DemandModel()
     reqs = Requests(workload.arrival, workload.prompt, workload.output, workload.service)
     kv_s = np.array([m.kv_bytes_per_token for m in models])[workload.service] * (
@@ -171,7 +170,7 @@ def run_policy(
     )
     ref_work = engine.ref_work
 
-    deploy = Deployments(scenario, models, ref_ut, perf, workload, demand_model)
+    deploy = Deployments(scenario, models, refs, perf, workload, demand_model)
 
     # The operator knows each service's burstiness from its traffic history (the 99.9th
     # percentile of prefill work per TTFT-long window): the planner never sizes prefill for

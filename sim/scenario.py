@@ -20,6 +20,7 @@ POLICIES: tuple[str, ...] = ("dedicated", "spread", "binpack", "complementary")
 DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "default.yaml"
 LARGE_SCENARIO = Path(__file__).parent / "scenarios" / "large.yaml"
 LONG_SCENARIO = Path(__file__).parent / "scenarios" / "long.yaml"
+MIX_SCENARIO = Path(__file__).parent / "scenarios" / "mix.yaml"
 
 
 class ScenarioError(ValueError):

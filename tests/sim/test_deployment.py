@@ -8,7 +8,7 @@ from policies.annotations import pod_request_from_k8s
 from policies.model import UnitType
 from sim.autoscaler import Target
 from sim.catalog import model, unit_type
-from sim.deployment import DECODE, PREFILL, Deployments
+from sim.deployment import DECODE, PREFILL, Deployments, service_references
 from sim.perf import PerfTables
 from sim.pods import make_pod
 from sim.scenario import parse_scenario
@@ -80,7 +80,7 @@ def test_decode_capacity_grows_with_the_tpot_target():
     loose_raw = small_raw()
     loose_raw["services"][0]["slo"]["tpot_s"] = 0.2
     scn2 = parse_scenario(loose_raw, "loose")
-    d2 = Deployments(scn2, d.models, d.ref, d.perf, build_workload(scn2), DemandModel())
+    d2 = Deployments(scn2, d.models, d.refs, d.perf, build_workload(scn2), DemandModel())
     assert d2.decode_capacity(0, 1200.0) >= tight
 
 
@@ -109,3 +109,45 @@ def test_multiplexed_prefill_declares_its_typical_sms_below_its_provisioned_load
     )
     d.scenario = burst_scn
     assert d.demand_annotation(pod, 0, PREFILL, target, 1).startswith("mem=")
+
+
+def _with_mixtral():
+    raw = small_raw()
+    raw["services"].append(
+        {"name": "moe", "model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "trace": "conv",
+         "rate": 0.2, "offset_s": 300, "slo": {"ttft_s": 1.5, "tpot_s": 0.07}})
+    scn = parse_scenario(raw, "moe")
+    return scn, build_workload(scn), [model(s.model) for s in scn.services]
+
+
+def test_a_model_the_reference_gpu_cannot_hold_is_sized_on_the_smallest_gpu_that_can():
+    """Mixtral-8x7B (93 GB of weights) does not fit an 80 GB H100: it is configured and
+    profiled on the cluster's H200, the other services on the reference H100."""
+    scn, wl, models = _with_mixtral()
+    refs = service_references(scn, models, wl)
+    h100, h200 = unit_type("H100-SXM", None), unit_type("H200", None)
+    assert refs == [h100, h100, h100, h200]
+    # without a GPU that holds it, the reference stays (its pods then fit nowhere, as before)
+    no_h200 = {**small_raw(), "services": [s.model_dump() for s in scn.services]}
+    no_h200["cluster"]["pools"] = no_h200["cluster"]["pools"][:1]
+    scn2 = parse_scenario(no_h200, "no-h200")
+    assert service_references(scn2, models, build_workload(scn2))[3] == h100
+
+
+def test_a_decode_pod_of_a_model_bigger_than_the_reference_gets_a_real_kv_budget():
+    """Sized on the H100 it cannot run on, a Mixtral decode pod got KV for one max-length
+    sequence; on the H200 it runs on it gets vLLM's share of that GPU."""
+    scn, wl, models = _with_mixtral()
+    refs = service_references(scn, models, wl)
+    perf = PerfTables(models, refs)
+    d = Deployments(scn, models, refs, perf, wl, DemandModel())
+    pod = make_pod(scn.services[3], "decode", "moe-decode", seed=1, rps=1.0, prompt=1100,
+                   output=210, cpu=8, memory_gib=64, created=0.0)
+    mem = d.pod_memory(pod, 3, DECODE)
+    assert d.kv_tokens(3, mem) >= 50 * d.max_len[3]
+    assert mem <= 0.9 * unit_type("H200", None).memory_bytes
+    one = Deployments(scn, models, unit_type("H100-SXM", None), PerfTables(models, refs[0]),
+                      wl, DemandModel())
+    assert one.kv_tokens(3, one.pod_memory(pod, 3, DECODE)) <= d.max_len[3] + 1
+    # and the planner's per-pod capacity follows: more tokens/s per pod on its real GPU
+    assert d.decode_capacity(3, 1200.0) > 2 * one.decode_capacity(3, 1200.0)

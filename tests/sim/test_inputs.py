@@ -220,3 +220,19 @@ def test_the_long_prompt_scenario_is_embedded_and_long():
     wl = build_workload(s)
     assert 8000 <= wl.prompt.mean() <= 16000
     assert len(s.services) < len(default_scenario().services)
+
+
+def test_the_model_mix_scenario_is_embedded_with_models_the_others_do_not_run():
+    from sim.catalog import model, unit_type
+    from sim.deployment import service_references
+    from sim.scenario import LONG_SCENARIO, MIX_SCENARIO
+    from sim.workload import build_workload
+
+    mix = load_scenario(MIX_SCENARIO)
+    others = {s.model for sc in (default_scenario(), load_scenario(LONG_SCENARIO))
+              for s in sc.services}
+    assert {s.model for s in mix.services} - others >= {
+        "mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mixtral-8x7B-Instruct-v0.1"}
+    refs = service_references(mix, [model(s.model) for s in mix.services], build_workload(mix))
+    moe = [r for s, r in zip(mix.services, refs, strict=True) if "Mixtral" in s.model]
+    assert moe and all(r == unit_type("H200", None) for r in moe)
