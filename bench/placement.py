@@ -1,9 +1,9 @@
 """Placement benchmark: every policy on the default (16 nodes x 8 GPUs), long-prompt (`long`),
-model-mix (`mix`: other models, cluster and SLOs) and large (128 nodes x 8 GPUs) scenarios,
-where each policy's GPU-hours above the fluid bound go, the previous main side by side, and
-complementary against the goals.
+model-mix (`mix`: other models, cluster and SLOs), `scarce` (mix's services, one H200 node)
+and large (128 nodes x 8 GPUs) scenarios, where each policy's GPU-hours above the fluid bound
+go, the previous main side by side, and complementary against the goals.
 
-    .venv/bin/python bench/placement.py [--only default|long|mix|large] [--workers N]
+    .venv/bin/python bench/placement.py [--only default|long|mix|scarce|large] [--workers N]
         [--minutes M] [--baseline REV | --no-baseline]
 
 Per policy: GPU-h, x the fluid bound, x the packing bound, x fewer GPU-hours than dedicated,
@@ -34,13 +34,14 @@ from sim.scenario import (
     LARGE_SCENARIO,
     LONG_SCENARIO,
     MIX_SCENARIO,
+    SCARCE_SCENARIO,
     load_scenario,
 )
 from sim.simulate import default_workers, run_scenario, write_report
 
 PREVIOUS_MAIN = "dbfc003"
 SCENARIOS = {"default": DEFAULT_SCENARIO, "long": LONG_SCENARIO, "mix": MIX_SCENARIO,
-             "large": LARGE_SCENARIO}
+             "scarce": SCARCE_SCENARIO, "large": LARGE_SCENARIO}
 MAX_VS_FLUID = 1.25
 MIN_FEWER_THAN_DEDICATED = 2.8
 MIN_SLO = 0.99

@@ -1,10 +1,11 @@
-"""Seed study: bench/placement.py's SLO goals on the default, long and mix scenarios replayed with
+"""Seed study: bench/placement.py's SLO goals on the default, long, mix and scarce scenarios, with
 seeds other than their own (other draws of arrivals and request lengths from the same traces),
 so that a figure that holds only on the seed it was measured on shows. Dedicated and
 complementary per seed, and the previous main in the same run.
 
     .venv/bin/python bench/seed_study.py [--seeds default=1,2,3] [--seeds long=12,13,14,15]
-        [--seeds mix=24,25,26] [--workers N] [--baseline REV | --no-baseline]
+        [--seeds mix=24,25,26] [--seeds scarce=24,25,26] [--workers N]
+        [--baseline REV | --no-baseline]
 
 Per seed: dedicated's GPU-h and SLO; complementary's GPU-h, x fewer than dedicated, SLO, its
 points against dedicated and PASS/FAIL on the two SLO goals (>= 99 %, at most 0.1 point
@@ -28,7 +29,9 @@ from sim.scenario import load_scenario
 from sim.simulate import default_workers, run_scenario
 
 POLICIES = ["dedicated", "complementary"]
-DEFAULT_SEEDS = {"default": [1, 2, 3], "long": [12, 13, 14, 15], "mix": [24, 25, 26]}
+DEFAULT_SEEDS = {
+    "default": [1, 2, 3], "long": [12, 13, 14, 15], "mix": [24, 25, 26], "scarce": [24, 25, 26],
+}
 
 
 def _seeds(specs: list[str] | None) -> dict[str, list[int]]:

@@ -29,6 +29,8 @@ from policies.inventory import (
     InventoryUnit,
 )
 from policies.model import PodRequest
+from workloads.model_catalog import find_model
+from workloads.roofline import RUNTIME_OVERHEAD_BYTES
 
 log = logging.getLogger("copack.extender.state")
 
@@ -37,6 +39,16 @@ SHARING_KEY = "copack.io/sharing"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 RELIST_BATCH = 256
 
+
+def least_memory(request: PodRequest | None) -> int | None:
+    """The least memory a pod needs on any unit: its declared `mem=`, else its model's weights
+    and vLLM's runtime; None when neither is known."""
+    if request is None:
+        return None
+    if request.demand is not None and request.demand.mem_bytes:
+        return int(request.demand.mem_bytes)
+    spec = find_model(request.model) if request.model else None
+    return int(spec.weight_bytes + RUNTIME_OVERHEAD_BYTES) if spec is not None else None
 
 class KubeIngestMixin:
     """Node and Pod ingestion of `ClusterState` (see the module docstring)."""
@@ -202,6 +214,8 @@ class KubeIngestMixin:
                     info.placed = False
                 self._set_node_of(info, node)
                 info.unit = None
+                # a pod still to be placed: the view keeps GPUs for the largest of them
+                self.view.note_waiting(key, None if node else least_memory(info.request))
 
     def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> None:
         key = f"{namespace or 'default'}/{name}"
@@ -258,6 +272,7 @@ class KubeIngestMixin:
             self._pods_by_node.setdefault(node, set()).add(info.key)
 
     def _forget(self, key: str) -> None:
+        self.view.note_waiting(key, None)
         info = self.pods.pop(key, None)
         if info is None:
             return

@@ -28,6 +28,9 @@ OPEN_FIT_WEIGHT = 0.1  # best-fit among idle GPUs of one size, below the size te
 # down to about half its memory: it takes fewer neighbours (their times add up,
 # one_burst_fits), so the pods that open GPUs go where the pods that follow can join them.
 TIME_SLICED_OPEN_PENALTY = 0.5
+# An idle GPU with a unit that holds the largest pod the cluster has to place, for a smaller
+# pod: after every other idle GPU (above the size, fit and time-sliced terms, ~1.8 together).
+RESERVED_OPEN_PENALTY = 2.0
 
 
 def unit_scores(nb: np.ndarray) -> np.ndarray:

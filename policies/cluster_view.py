@@ -93,7 +93,12 @@ class ClusterView(UnitLoadMixin, PodPlacementMixin, ViewStorageMixin):
         self._bursty: dict[str, dict[str, int]] = {}
         self._n_burst = 0  # pods with burst headroom above their declared SMs
         self._sharing: tuple[int, bool, bool] = (-1, False, False)  # (layout, any MPS, any ts)
+        self._whole_min: tuple[int, float | None] = (-1, None)  # (layout, smallest whole GPU)
         self._min_mem: int | None = None
+        # pods not bound yet -> the least memory they need, and those sizes counted: with the
+        # placed sizes, the largest pod the cluster has to place (packing_rules.reserve_mem)
+        self._waiting: dict[str, int] = {}
+        self._waiting_sizes: dict[int, int] = {}
         self._window = 10.0
         self.version = 0  # bumped on every change
         self.layout_version = 0  # bumped when nodes/units are added or removed
@@ -214,10 +219,12 @@ class ClusterView(UnitLoadMixin, PodPlacementMixin, ViewStorageMixin):
         for slots in by_gpu.values():
             group = tuple(slots)
             mem = float(sum(self.mem_cap[s] for s in group))
+            unit_mem = float(max(self.mem_cap[s] for s in group))
             pods = int(sum(self.npods[s] for s in group))
             for s in group:
                 self._gpu_slots[s] = group
                 self.gpu_mem[s] = mem
+                self.gpu_unit_mem[s] = unit_mem
                 self.gpu_pods[s] = pods
             self.max_gpu_mem = max(self.max_gpu_mem, mem)
 
@@ -352,6 +359,16 @@ class ClusterView(UnitLoadMixin, PodPlacementMixin, ViewStorageMixin):
             any_ts = bool((self.active & ~self.mps).any())
             self._sharing = (self.layout_version, any_mps, any_ts)
         return any_mps, any_ts
+
+    def smallest_whole_gpu_mem(self) -> float | None:
+        """Memory of the smallest GPU not split by MIG (None: none): the GPU products differ
+        in what they hold, MIG slices are the operator's choice to hold less."""
+        version, mem = self._whole_min
+        if version != self.layout_version:
+            whole = self.active & (self.gpu_unit_mem == self.gpu_mem)
+            mem = float(self.gpu_mem[whole].min()) if whole.any() else None
+            self._whole_min = (self.layout_version, mem)
+        return mem
 
     def has_time_sliced(self) -> bool:
         """Whether any active unit is time-sliced (its pods' kernels never overlap)."""

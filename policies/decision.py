@@ -21,6 +21,7 @@ from policies import row_cache
 from policies.answer import (
     OPEN_FIT_WEIGHT,
     OPEN_PENALTY,
+    RESERVED_OPEN_PENALTY,
     TIME_SLICED_OPEN_PENALTY,
     Decision,
     Placement,
@@ -225,6 +226,9 @@ def evaluate_rows(
                 small -= OPEN_FIT_WEIGHT * score
                 if view.has_mixed_sharing():
                     small += TIME_SLICED_OPEN_PENALTY * ~view.mps[:, sel]
+                big = rules.reserve_mem(view, table)
+                if big is not None:  # GPUs the largest pod needs open after all others
+                    small += RESERVED_OPEN_PENALTY * (view.gpu_unit_mem[:, sel] >= big)
                 np.putmask(score, idle, -small)
     elif policy == "binpack":  # HAMi/gpushare binpack: fullest memory first
         np.divide(msum, mem_cap, out=score)

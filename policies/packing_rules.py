@@ -130,6 +130,23 @@ def smallest_pod_mem(view: ClusterView, table: TypeTable) -> float:
     return small if known is None else min(small, float(known))
 
 
+def reserve_mem(view: ClusterView, table: TypeTable) -> float | None:
+    """The memory of the largest pod the cluster runs or waits to place, when some GPU
+    product of the cluster cannot hold it whole and the pod at hand needs less: GPUs with a
+    unit that holds it open last for this pod (decide()), so that a model only the big GPUs
+    hold (Mixtral-8x7B, 93 GB: H200s, not H100s) still finds one. None when every product
+    holds it (MIG slices too small for it do not count: the operator cut them to hold less),
+    when the pod at hand is that large itself, or when no pod is known."""
+    big = view.largest_pod_mem
+    whole = view.smallest_whole_gpu_mem()
+    if big is None or whole is None or big <= whole:
+        return None
+    sizes = table.mem[(~table.bad) & (table.mem > 0)]
+    if len(sizes) == 0 or float(sizes.min()) >= big:
+        return None
+    return float(big)
+
+
 def sole_tenant(view: ClusterView, table: TypeTable, slot: tuple[int, int], mem: int) -> bool:
     """An MPS unit with no pod on it that a pod of `mem` bytes leaves closed to every pod the
     cluster runs (memory): the pod will be alone there for as long as it stays, so an MPS cap

@@ -127,6 +127,7 @@ def view_facts(view: ClusterView) -> tuple:
         view.has_burst_pods(),
         view.has_slo_pods(),
         view.min_pod_mem_bytes,
+        view.largest_pod_mem,
         view.max_gpu_mem,
         view.assumed_window_s,
     )

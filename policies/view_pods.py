@@ -123,6 +123,7 @@ class PodPlacementMixin:
         )
         slot = self._uuid_slot.get(unit_uuid)
         self.version += 1
+        self.note_waiting(pod_key, None)
         if slot is None:
             self._pending[pod_key] = rec
             return False
@@ -205,6 +206,27 @@ class PodPlacementMixin:
         if not units:
             return []
         return [s for u in units if (s := self._uuid_slot.get(u)) is not None]
+
+    def note_waiting(self, pod_key: str, mem_bytes: int | None) -> None:
+        """A pod not bound yet and the least memory it needs anywhere (None: forget it; placing
+        it forgets it too)."""
+        old = self._waiting.pop(pod_key, None)
+        if old is not None:
+            n = self._waiting_sizes[old] - 1
+            if n:
+                self._waiting_sizes[old] = n
+            else:
+                del self._waiting_sizes[old]
+        if mem_bytes:
+            m = int(mem_bytes)
+            self._waiting[pod_key] = m
+            self._waiting_sizes[m] = self._waiting_sizes.get(m, 0) + 1
+
+    @property
+    def largest_pod_mem(self) -> int | None:
+        """The most memory any pod the cluster runs or waits to place needs (None: no pod)."""
+        sizes = [*self._mem_sizes, *self._waiting_sizes]
+        return max(sizes) if sizes else None
 
     @property
     def min_pod_mem_bytes(self) -> int | None:

@@ -33,6 +33,7 @@ _FLOAT_FIELDS = (
     "decode_caps",
     "typical_sm",
     "gpu_mem",
+    "gpu_unit_mem",  # the largest unit of the unit's physical GPU (MIG: its biggest slice)
 )
 _INT_FIELDS = ("type_id", "npods", "index", "gpu_pods")
 _BOOL_FIELDS = ("active", "healthy", "tel_tensor", "mps")

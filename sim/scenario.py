@@ -21,6 +21,7 @@ DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "default.yaml"
 LARGE_SCENARIO = Path(__file__).parent / "scenarios" / "large.yaml"
 LONG_SCENARIO = Path(__file__).parent / "scenarios" / "long.yaml"
 MIX_SCENARIO = Path(__file__).parent / "scenarios" / "mix.yaml"
+SCARCE_SCENARIO = Path(__file__).parent / "scenarios" / "scarce.yaml"
 
 
 class ScenarioError(ValueError):

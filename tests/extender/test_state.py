@@ -136,3 +136,30 @@ def test_draining_units_take_no_new_pod_until_the_note_expires_or_goes(api) -> N
     state.upsert_node(api.annotate_node("n0", {
         DRAINING_ANNOTATION: format_draining(["GPU-n0-0"], until=clock.t - 1)}))
     assert placeable() == "GPU-n0-0"
+
+
+def test_pods_waiting_to_be_placed_tell_the_view_the_largest_memory_to_keep_room_for(api) -> None:
+    """A pending pod's least memory (its `mem=`, else its model's weights and runtime) reaches
+    the view until it is bound or deleted; a bound pod counts by what it declared."""
+    clock = Clock()
+    state = _state(clock)
+    state.upsert_node(api.node(gpu_node("n0", gpu_units("n0", 1))))
+    assert state.view.largest_pod_mem is None
+    moe = api.pod(copack_pod("moe", model="mistralai/Mixtral-8x7B-Instruct-v0.1"))
+    state.upsert_pod(moe)
+    weights = state.view.largest_pod_mem
+    assert weights is not None and 88 * 2**30 < weights < 90 * 2**30  # 46.7B x 2 bytes + 2 GiB
+    small = api.pod(copack_pod("small", demand="mem=10Gi"))
+    state.upsert_pod(small)
+    assert state.view.largest_pod_mem == weights
+    state.delete_pod("default", "moe")
+    assert state.view.largest_pod_mem == 10 * 2**30
+    bound = api.bind(small, "n0", {
+        "copack.io/unit": "GPU-n0-0", "copack.io/sm-share": "40",
+        "copack.io/assigned-at": rfc3339(clock.t)})
+    state.upsert_pod(bound)  # placed: counted once, by its declared memory
+    assert state.view.largest_pod_mem == 10 * 2**30
+    state.delete_pod("default", "small")
+    assert state.view.largest_pod_mem is None
+    state.upsert_pod(api.pod(copack_pod("odd", demand="sm=much")))  # nothing known: ignored
+    assert state.view.largest_pod_mem is None

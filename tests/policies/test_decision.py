@@ -231,6 +231,39 @@ def test_decode_alone_on_a_unit_its_memory_closes_runs_uncapped(
     assert isinstance(ts, Placement) and ts.sm_share == 30
 
 
+def test_gpus_only_the_largest_pod_fits_open_last_for_smaller_pods(
+    demand_model: DemandModel,
+) -> None:
+    """Idle GPUs open largest first, unless a pod the cluster runs or waits to place fits no
+    whole GPU of some product: then the GPUs that hold it open last for smaller pods, so an
+    H100 cluster's few H200s stay free for a 93 GB Mixtral. MIG slices too small for a pod do
+    not make it one (the operator cut them small)."""
+    cfg, dm = PolicyConfig(), demand_model
+    h200 = "NVIDIA H200"
+    v = ClusterView()
+    v.set_node("big", [whole_gpu("big", 0, h200)], mps=True)
+    v.set_node("small", [whole_gpu("small", 0)], mps=True)
+    v.set_node("mig", [mig_unit("mig", 0, j, "3g.40gb") for j in (0, 1)], mps=True)
+    nodes = ["big", "small", "mig"]
+    small_pod = req("pre", "prefill")
+    assert decide(v, small_pod, nodes, NOW, cfg, dm).chosen[0] == "big"  # largest first
+    v.note_waiting("ns/moe", 96 * GiB)  # a Mixtral pod not placed yet: no H100 holds it
+    d = decide(v, small_pod, nodes, NOW, cfg, dm)
+    assert d.chosen[0] in ("small", "mig"), d.explain()  # an H100, whole or in slices
+    moe = req("moe", "decode", model="mistralai/Mixtral-8x7B-Instruct-v0.1",
+              demand=DemandOverride(mem_bytes=96 * GiB))
+    assert decide(v, moe, nodes, NOW, cfg, dm).chosen[0] == "big"  # the big pod itself
+    v.note_waiting("ns/moe", None)
+    assert decide(v, small_pod, nodes, NOW, cfg, dm).chosen[0] == "big"
+    # a placed pod counts too, and joining a GPU in use still beats opening one
+    v.place("ns/moe", "GPU-big-0", Demand(0.1, 0.5, 96 * GiB), NOW - 60, role="decode")
+    assert v.largest_pod_mem == 96 * GiB
+    v.unplace("ns/moe")
+    # a 70 GiB pod fits the whole H100: too big for a 3g.40gb slice, no reserve for it
+    v.note_waiting("ns/wide", 70 * GiB)
+    assert decide(v, small_pod, nodes, NOW, cfg, dm).chosen[0] == "big"
+
+
 def test_explain_is_json_and_complete(demand_model: DemandModel) -> None:
     v = three_gpus(demand_model)
     v.set_node("d", [whole_gpu("d", 0, healthy=False)])

@@ -104,3 +104,32 @@ def test_loopback_http_gives_the_same_run(small, runs):
 def test_packing_bound_between_fluid_bound_and_every_run(runs):
     for r in runs.values():
         assert r.lb_gpu_hours <= r.packing_lb_gpu_hours <= r.gpu_hours + 1e-9, r.policy
+
+
+def _scarce_h200():
+    """Two H100 nodes and one H200 node; Mixtral-8x7B fits only the H200s (93 GB of weights)."""
+    raw = small_raw(duration_s=600)
+    raw["cluster"]["pools"] = [
+        {"name": "h100", "count": 2, "gpus_per_node": 4, "product": "H100-SXM", "sharing": "mps"},
+        {"name": "h200", "count": 1, "gpus_per_node": 2, "product": "H200", "sharing": "mps"},
+    ]
+    raw["services"] = [
+        {"name": "chat", "model": "meta-llama/Llama-3.1-8B-Instruct", "trace": "conv",
+         "rate": 0.6, "slo": {"ttft_s": 1.0, "tpot_s": 0.05}},
+        {"name": "moe", "model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "trace": "conv",
+         "rate": 0.1, "slo": {"ttft_s": 1.5, "tpot_s": 0.07}},
+    ]
+    return parse_scenario(raw, "scarce-h200")
+
+
+def test_smaller_pods_leave_the_gpus_only_a_big_model_fits_to_it():
+    """Idle GPUs open largest first; with Mixtral waiting, the 8B pods open the H100s instead,
+    and every Mixtral pod finds an H200 (before, the 8B pods took them and Mixtral waited)."""
+    scn = _scarce_h200()
+    r = run_policy(scn, "complementary", build_workload(scn))
+    moe = [p for p in r.pods if p.service == 1]
+    assert moe and all(p.unit >= 0 for p in moe), [(p.name, p.last_reason) for p in moe]
+    assert {p.node for p in moe} == {"h200-000"}
+    assert all(p.node.startswith("h100") for p in r.pods if p.service == 0 and p.unit >= 0)
+    served = r.slo_met()[r.requests.service == 1]
+    assert served.mean() > 0.95
