@@ -365,7 +365,8 @@ class ClusterView(UnitLoadMixin, PodPlacementMixin, ViewStorageMixin):
         in what they hold, MIG slices are the operator's choice to hold less."""
         version, mem = self._whole_min
         if version != self.layout_version:
-            whole = self.active & (self.gpu_unit_mem == self.gpu_mem)
+            whole_type = np.array([t.mig_profile is None for t in self.types], dtype=bool)
+            whole = self.active & whole_type[self.type_id] if len(whole_type) else self.active
             mem = float(self.gpu_mem[whole].min()) if whole.any() else None
             self._whole_min = (self.layout_version, mem)
         return mem

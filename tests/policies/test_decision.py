@@ -262,6 +262,9 @@ def test_gpus_only_the_largest_pod_fits_open_last_for_smaller_pods(
     # a 70 GiB pod fits the whole H100: too big for a 3g.40gb slice, no reserve for it
     v.note_waiting("ns/wide", 70 * GiB)
     assert decide(v, small_pod, nodes, NOW, cfg, dm).chosen[0] == "big"
+    # nor for a GPU carved into one small slice (found by tests/policies/test_properties.py)
+    v.set_node("one", [mig_unit("one", 0, 0, "1g.10gb")], mps=True)
+    assert decide(v, small_pod, [*nodes, "one"], NOW, cfg, dm).chosen[0] == "big"
 
 
 def test_explain_is_json_and_complete(demand_model: DemandModel) -> None:
