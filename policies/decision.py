@@ -18,17 +18,16 @@ import numpy as np
 
 from policies import packing_rules as rules
 from policies import row_cache
-from policies.answer import (
+from policies.answer import Decision, Placement
+from policies.cluster_view import ClusterView
+from policies.config import PolicyConfig
+from policies.model import PodRequest
+from policies.open_order import (
     OPEN_FIT_WEIGHT,
     OPEN_PENALTY,
     RESERVED_OPEN_PENALTY,
     TIME_SLICED_OPEN_PENALTY,
-    Decision,
-    Placement,
 )
-from policies.cluster_view import ClusterView
-from policies.config import PolicyConfig
-from policies.model import PodRequest
 from policies.row_cache import RowEval
 from policies.type_table import DemandModelLike, TypeTable, type_table
 
