@@ -50,6 +50,7 @@ def least_memory(request: PodRequest | None) -> int | None:
     spec = find_model(request.model) if request.model else None
     return int(spec.weight_bytes + RUNTIME_OVERHEAD_BYTES) if spec is not None else None
 
+
 class KubeIngestMixin:
     """Node and Pod ingestion of `ClusterState` (see the module docstring)."""
 
