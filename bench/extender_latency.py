@@ -351,7 +351,8 @@ def _goals(results: dict, small: int, nodes: int, peak_mib: float) -> list[str]:
     """Pair p99 <= 2x the no-op at 500 names and <= 3x at 5,000, >= 300 pods/s at 5,000 names
     on the one worker, RSS <= 300 MiB."""
     out = []
-    for label, factor in ((f"{small} names", 2.0), (f"{nodes} names", 3.0)):
+    cases = {f"{nodes} names": 3.0, f"{small} names": 2.0}  # one line when both are 500
+    for label, factor in reversed(cases.items()):
         if (label, "extender") not in results:
             continue
         ext, nop = results[(label, "extender")], results[(label, "no-op")]
