@@ -80,6 +80,9 @@ def translate(scenario: Scenario, out: Path) -> Path:
     for k in _NEW_AUTOSCALER_FIELDS:
         raw["autoscaler"].pop(k, None)
     for svc, rs in zip(scenario.services, raw["services"], strict=True):
+        if rs.pop("start_s", 0.0):  # no trace file can say it: the pods would exist from t = 0
+            raise ValueError(f"service {svc.name}: the previous main cannot deploy a service "
+                             f"late (start_s, 2026-12-08)")
         scaled = (svc.prompt_scale, svc.output_scale, svc.max_prompt_tokens) != (1.0, 1.0, None)
         for k in _NEW_SERVICE_FIELDS:
             rs.pop(k, None)

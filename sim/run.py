@@ -366,6 +366,8 @@ def run_policy(
                 ]
             current = [(len(live[i][0]), len(live[i][1])) for i in range(ns)]
             for i, target in enumerate(planner.plan(observed, current)):
+                if t + 1e-9 < services[i].start_s:  # not deployed yet
+                    target = replace(target, prefill=0, decode=0)
                 targets[i] = target
                 scale(i, PREFILL, target.prefill, t, target)
                 scale(i, DECODE, target.decode, t, target)

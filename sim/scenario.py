@@ -78,6 +78,9 @@ class ServiceSpec(_Strict):
     rate: float = Field(default=1.0, gt=0, le=1000, description="arrival-rate multiplier")
     time_scale: float = Field(default=1.0, gt=0, le=1000)
     offset_s: float = Field(default=0.0, ge=0)
+    # When the service is deployed: no pods and no traffic before it (a model that arrives on
+    # a cluster whose GPUs other services already hold).
+    start_s: float = Field(default=0.0, ge=0)
     # Lengths of the trace's requests scaled (e.g. a long-prompt mix from the same arrival
     # process); `max_prompt_tokens` is the longest prompt the service admits (its context
     # limit): longer ones are cut to it, as a client truncating to the model's window would.

@@ -45,6 +45,9 @@ def build_workload(scenario: Scenario) -> Workload:
         o = np.maximum(1, np.rint(o * svc.output_scale)).astype(np.int64)
         if svc.max_prompt_tokens is not None:
             p = np.minimum(p, svc.max_prompt_tokens)
+        if svc.start_s > 0.0:  # not deployed yet: nobody sends it anything
+            keep = t >= svc.start_s
+            t, p, o = t[keep], p[keep], o[keep]
         ts.append(t)
         ps.append(p)
         os_.append(o)

@@ -133,3 +133,18 @@ def test_smaller_pods_leave_the_gpus_only_a_big_model_fits_to_it():
     assert all(p.node.startswith("h100") for p in r.pods if p.service == 0 and p.unit >= 0)
     served = r.slo_met()[r.requests.service == 1]
     assert served.mean() > 0.95
+
+
+def test_a_service_deployed_late_has_no_pods_and_no_traffic_before_it():
+    scn = _scarce_h200()
+    late = [s.model_copy(update={"start_s": 300.0}) if s.name == "moe" else s
+            for s in scn.services]
+    scn = scn.model_copy(update={"services": late})
+    wl = build_workload(scn)
+    moe_arrivals = wl.arrival[wl.service == 1]
+    assert len(moe_arrivals) and moe_arrivals.min() >= 300.0
+    assert (wl.arrival[wl.service == 0] < 300.0).any()
+    r = run_policy(scn, "complementary", wl)
+    moe = [p for p in r.pods if p.service == 1]
+    assert moe and min(p.created_t for p in moe) >= 300.0
+    assert min(p.created_t for p in r.pods if p.service == 0) == 0.0
