@@ -75,7 +75,6 @@ class Deployments:
         self,
         scenario: Scenario,
         models: Sequence[ModelSpec],
-        references: UnitType | Sequence[UnitType],
         perf: PerfTables,
         workload: Workload,
         demand_model: DemandModel,
@@ -83,10 +82,8 @@ class Deployments:
         self.scenario = scenario
         self.services = scenario.services
         self.models = list(models)
-        # per service, the GPU it is sized on (service_references); one type: all of them
-        self.refs = ([references] * len(self.models) if isinstance(references, UnitType)
-                     else list(references))
         self.perf = perf
+        self.refs = perf.references  # per service, the GPU it is sized on (service_references)
         self.dm = demand_model
         self.max_len = max_model_len(workload, len(self.services))
         # per service: prefill work (reference GPU-s per s) of its multiplex_quantile window

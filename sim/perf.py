@@ -124,9 +124,12 @@ class PerfTables:
         self._types: list[_TypeTables] = []
         self._ids: dict[tuple[str, UnitType], int] = {}
         self.service_models = service_models
-        refs = ([reference] * len(service_models) if isinstance(reference, UnitType)
-                else list(reference))
-        self._ref_ids = [self.type_id(m, r) for m, r in zip(service_models, refs, strict=True)]
+        # per service, the GPU it is profiled on (what the simulated operator configures for)
+        self.references: list[UnitType] = (
+            [reference] * len(service_models) if isinstance(reference, UnitType)
+            else list(reference))
+        self._ref_ids = [self.type_id(m, r)
+                         for m, r in zip(service_models, self.references, strict=True)]
         self._stack()
 
     def type_id(self, model: ModelSpec, unit: UnitType) -> int:

@@ -170,7 +170,7 @@ def run_policy(
     )
     ref_work = engine.ref_work
 
-    deploy = Deployments(scenario, models, refs, perf, workload, demand_model)
+    deploy = Deployments(scenario, models, perf, workload, demand_model)
 
     # The operator knows each service's burstiness from its traffic history (the 99.9th
     # percentile of prefill work per TTFT-long window): the planner never sizes prefill for

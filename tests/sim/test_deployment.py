@@ -23,7 +23,7 @@ def _deploy():
     models = [model(s.model) for s in scn.services]
     ref = unit_type("H100-SXM", None)
     perf = PerfTables(models, ref)
-    return scn, wl, models, Deployments(scn, models, ref, perf, wl, DemandModel())
+    return scn, wl, models, Deployments(scn, models, perf, wl, DemandModel())
 
 
 def _pod(scn, role, rps=2.0):
@@ -80,7 +80,7 @@ def test_decode_capacity_grows_with_the_tpot_target():
     loose_raw = small_raw()
     loose_raw["services"][0]["slo"]["tpot_s"] = 0.2
     scn2 = parse_scenario(loose_raw, "loose")
-    d2 = Deployments(scn2, d.models, d.refs, d.perf, build_workload(scn2), DemandModel())
+    d2 = Deployments(scn2, d.models, d.perf, build_workload(scn2), DemandModel())
     assert d2.decode_capacity(0, 1200.0) >= tight
 
 
@@ -140,14 +140,14 @@ def test_a_decode_pod_of_a_model_bigger_than_the_reference_gets_a_real_kv_budget
     scn, wl, models = _with_mixtral()
     refs = service_references(scn, models, wl)
     perf = PerfTables(models, refs)
-    d = Deployments(scn, models, refs, perf, wl, DemandModel())
+    d = Deployments(scn, models, perf, wl, DemandModel())
     pod = make_pod(scn.services[3], "decode", "moe-decode", seed=1, rps=1.0, prompt=1100,
                    output=210, cpu=8, memory_gib=64, created=0.0)
     mem = d.pod_memory(pod, 3, DECODE)
     assert d.kv_tokens(3, mem) >= 50 * d.max_len[3]
     assert mem <= 0.9 * unit_type("H200", None).memory_bytes
-    one = Deployments(scn, models, unit_type("H100-SXM", None), PerfTables(models, refs[0]),
-                      wl, DemandModel())
+    one = Deployments(scn, models, PerfTables(models, unit_type("H100-SXM", None)), wl,
+                      DemandModel())
     assert one.kv_tokens(3, one.pod_memory(pod, 3, DECODE)) <= d.max_len[3] + 1
     # and the planner's per-pod capacity follows: more tokens/s per pod on its real GPU
     assert d.decode_capacity(3, 1200.0) > 2 * one.decode_capacity(3, 1200.0)
